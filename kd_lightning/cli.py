@@ -1,0 +1,63 @@
+"""The command line: LightningCLI's ``fit``/``validate``/``test``/``predict`` plus our own commands.
+
+``python -m kd_lightning fit --config configs/quickstart/distill.yaml``
+``python -m kd_lightning modules all-MiniLM-L6-v2``      (list a model's tap paths)
+``python -m kd_lightning quickstart``                    (teacher fine-tune + distillation)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+def trainer_defaults() -> dict[str, Any]:
+    """TensorBoard under ``runs/``, rich progress bar and summary, LR logging, best-``val/acc`` checkpoints."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichModelSummary, RichProgressBar
+
+    return {
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "kd_lightning"},
+        },
+        "callbacks": [
+            RichProgressBar(),
+            RichModelSummary(max_depth=1),
+            LearningRateMonitor(logging_interval="step"),
+            ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{step}"),
+        ],
+    }
+
+
+class KDLightningCLI(LightningCLI):
+    """LightningCLI with the project's defaults: TensorBoard under ``runs/``, rich progress and
+    model summary, learning-rate logging and a checkpoint on the best ``val/acc``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", trainer_defaults())
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, **kwargs)
+
+
+COMMANDS = {
+    "modules": "kd_lightning.commands.modules",
+    "quickstart": "kd_lightning.commands.quickstart",
+}
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Dispatch our own commands; everything else goes to LightningCLI."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_transformers()
+    if argv and argv[0] in COMMANDS:
+        import importlib
+
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    return KDLightningCLI(args=argv)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()

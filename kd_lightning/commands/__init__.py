@@ -1,0 +1,1 @@
+"""Commands of ``python -m kd_lightning`` beside LightningCLI's own."""

@@ -1,0 +1,86 @@
+"""The ``DistillLoss`` base class every distillation objective derives from."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.outputs import ModelOutputs
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+class DistillLoss(nn.Module):
+    """One term of the training objective: ``weight * forward(student, teacher, batch)``.
+
+    Subclasses implement :meth:`forward` (the unweighted value) and, when they read hidden
+    features, list the tap names they need in :attr:`required_taps`. Learnable parts (for
+    example a projection between widths) are created in :meth:`build`, which
+    :class:`~kd_lightning.DistillModule` calls once the width of every tap is known; they are
+    student-side parameters, trained with the student and saved in its checkpoint.
+
+    Args:
+        weight: multiplier of this term in the total loss. Callbacks may change it during
+            training (see :mod:`kd_lightning.callbacks`).
+        name: the name logged as ``train/loss/<name>``; defaults to the class name in
+            snake case. Give two losses of the same class different names.
+    """
+
+    #: False for losses that use the labels alone (cross-entropy): the teacher is not needed.
+    needs_teacher: bool = True
+
+    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__()
+        self.weight = float(weight)
+        self.name = name or _snake_case(type(self).__name__)
+
+    @property
+    def required_taps(self) -> tuple[str, ...]:
+        """Names of the taps (declared in the module's ``taps``) this loss reads."""
+        return ()
+
+    def build(self, tap_widths: Mapping[str, int], num_labels: int) -> None:
+        """Create learnable parts once the widths of the taps are known. Default: nothing."""
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weight={self.weight}"
+
+
+class FeatureLoss(DistillLoss):
+    """A loss between one student tap and one teacher tap.
+
+    Args:
+        student: name of the student tap.
+        teacher: name of the teacher tap.
+        weight, name: see :class:`DistillLoss`.
+    """
+
+    def __init__(self, student: str, teacher: str, weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__(weight=weight, name=name)
+        self.student_tap = student
+        self.teacher_tap = teacher
+
+    @property
+    def required_taps(self) -> tuple[str, ...]:
+        return (self.student_tap, self.teacher_tap)
+
+    def feature_pair(self, student: ModelOutputs, teacher: ModelOutputs) -> tuple[Tensor, Tensor]:
+        """The (student, teacher) rows of this loss's taps, in float32 for stable geometry."""
+        return student.features[self.student_tap].float(), teacher.features[self.teacher_tap].float()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, student={self.student_tap!r}, teacher={self.teacher_tap!r}"
+
+
+def float32(t: Tensor) -> Tensor:
+    """Upcast half-precision tensors; the losses compute in float32 under mixed precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

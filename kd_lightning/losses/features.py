@@ -1,0 +1,28 @@
+"""Losses between hidden features of student and teacher taps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from kd_lightning.losses import functional
+from kd_lightning.losses.base import FeatureLoss
+from kd_lightning.outputs import ModelOutputs
+
+
+class ProjectedMSE(FeatureLoss):
+    """FitNets (Romero et al., 2015, "FitNets: Hints for Thin Deep Nets").
+
+    ``||T - S W||_F^2 / (n d_t)`` with ``W`` a learned linear map from the student width
+    ``d_s`` to the teacher width ``d_t`` (identity-free: created even when widths agree, as
+    in the paper's regressor). ``W`` is a student-side parameter, saved with the student.
+    """
+
+    def build(self, tap_widths: Mapping[str, int], num_labels: int) -> None:
+        self.projection = nn.Linear(tap_widths[self.student_tap], tap_widths[self.teacher_tap], bias=False)
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
+        s, t = self.feature_pair(student, teacher)
+        return functional.projected_mse(s, t, self.projection)

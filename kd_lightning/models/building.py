@@ -1,0 +1,185 @@
+"""Building teachers and students: HF Auto* loading, layer selection and config shrinking."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kd_lightning.models.packaged import resolve_model_path
+
+
+@dataclass
+class TeacherSpec:
+    """Where the teacher comes from.
+
+    Args:
+        name_or_path: a hub name, a local HF folder, or a packaged model key
+            (``all-MiniLM-L6-v2``).
+        num_labels: the number of classes; defaults to the checkpoint's own.
+    """
+
+    name_or_path: str
+    num_labels: int | None = None
+
+
+@dataclass
+class StudentSpec:
+    """How the student is built. Exactly one source, optionally with config overrides.
+
+    Args:
+        name_or_path: a pretrained checkpoint (hub name, local folder or packaged key).
+        from_teacher_layers: copy the teacher and keep these transformer layers, in order
+            (DistilBERT-style initialisation), e.g. ``[0, 5]``.
+        config_overrides: start from the teacher's config (or ``name_or_path``'s) with these
+            fields replaced, e.g. ``{num_hidden_layers: 2, hidden_size: 256}``; weights are
+            randomly initialised.
+    """
+
+    name_or_path: str | None = None
+    from_teacher_layers: list[int] | None = None
+    config_overrides: dict[str, Any] | None = None
+
+
+def load_config(name_or_path: str, **overrides: Any) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(resolve_model_path(name_or_path), **overrides)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def load_classifier(name_or_path: str, num_labels: int | None = None) -> PreTrainedModel:
+    """A sequence classifier; ``num_labels`` must agree with a fine-tuned checkpoint's head."""
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    has_head = _checkpoint_has_classifier(path)
+    if num_labels is not None and has_head and config.num_labels != num_labels:
+        raise ValueError(
+            f"{name_or_path} has a trained classification head with {config.num_labels} labels, "
+            f"but num_labels={num_labels} was asked for. Use num_labels: {config.num_labels}, "
+            "or start from the base encoder instead of this fine-tuned folder."
+        )
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+def _checkpoint_has_classifier(path: str) -> bool:
+    """Whether a local folder was saved from a sequence classifier (its head is trained)."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    config = AutoConfig.from_pretrained(path)
+    return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``ModuleList`` of transformer blocks: the longest list of identical block types."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"cannot find the transformer layer list of {type(model).__name__}")
+    return best
+
+
+def student_from_teacher_layers(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A copy of the teacher keeping ``layers`` of its transformer stack (weights copied)."""
+    stack_path, stack = find_layer_stack(teacher)
+    bad = [i for i in layers if not 0 <= i < len(stack)]
+    if not layers or bad:
+        raise ValueError(
+            f"from_teacher_layers={layers}: the teacher has layers 0..{len(stack) - 1}; "
+            f"{'list at least one' if not layers else f'{bad} are out of range'}."
+        )
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = type(teacher)(config)
+    pattern = re.compile(rf"^{re.escape(stack_path)}\.(\d+)\.(.*)$")
+    renumber = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(1)) in renumber:
+            state[f"{stack_path}.{renumber[int(match.group(1))]}.{match.group(2)}"] = value
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels: int) -> PreTrainedModel:
+    """The student described by ``spec``; the teacher supplies config and weights where asked."""
+    sources = [spec.name_or_path is not None, spec.from_teacher_layers is not None]
+    if sum(sources) > 1:
+        raise ValueError("student: give either name_or_path or from_teacher_layers, not both")
+    if spec.from_teacher_layers is not None:
+        if teacher is None:
+            raise ValueError("student.from_teacher_layers needs a teacher")
+        if spec.config_overrides:
+            raise ValueError(
+                "student: config_overrides cannot be combined with from_teacher_layers "
+                "(copied weights fix the widths); choose layers, or override the config for a random init"
+            )
+        return student_from_teacher_layers(teacher, list(spec.from_teacher_layers))
+    overrides = dict(spec.config_overrides or {})
+    if spec.name_or_path is not None and not overrides:
+        return load_classifier(spec.name_or_path, num_labels)
+    if spec.name_or_path is not None:
+        config = load_config(spec.name_or_path, num_labels=num_labels)
+    elif teacher is not None:
+        config = copy.deepcopy(teacher.config)
+        config.num_labels = num_labels
+    else:
+        raise ValueError("student: give name_or_path, from_teacher_layers or config_overrides with a teacher")
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise ValueError(f"student.config_overrides: {type(config).__name__} has no field(s) {unknown}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if isinstance(getattr(config, "layer_types", None), list) and "num_hidden_layers" in overrides:
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    try:
+        return AutoModelForSequenceClassification.from_config(config)
+    except Exception as err:  # widths that do not divide, etc.
+        raise ValueError(f"student.config_overrides {overrides} give an invalid {type(config).__name__}: {err}") from err
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients and eval mode, in place."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def parameter_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer, for bit-identity checks and cache keys."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

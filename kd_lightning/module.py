@@ -1,0 +1,215 @@
+"""``DistillModule``: a frozen teacher, a trainable student, taps and a sum of losses."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.losses.base import DistillLoss
+from kd_lightning.metrics import class_probabilities, classification_metrics
+from kd_lightning.models import StudentSpec, TeacherSpec, build_student, freeze, load_classifier, load_tokenizer
+from kd_lightning.outputs import ModelOutputs
+from kd_lightning.taps import FeatureTaps, TapSpec
+from kd_lightning.training import OptimConfig, StudentModule, model_inputs
+
+
+class DistillModule(StudentModule):
+    """Knowledge distillation of a frozen teacher into a student, one training step at a time.
+
+    Each step runs the teacher under ``no_grad`` (only when a loss needs it) and the student,
+    collects the tapped features of both, and minimises ``sum_i w_i * loss_i(student, teacher,
+    batch)``. Every term is logged on its own as ``train/loss/<name>`` beside ``train/loss``.
+
+    The teacher is frozen for the whole run: no gradients, always in eval mode (Lightning's
+    ``train()`` does not reach it), outside the optimiser, invisible to DDP (it is not a
+    registered submodule) and not in the checkpoint unless ``save_teacher`` is set. Subclasses
+    that train the teacher (online methods) override :meth:`teacher_is_trainable`.
+
+    Args:
+        teacher: where the teacher comes from (``name_or_path``, ``num_labels``).
+        student: how the student is built (a checkpoint, chosen teacher layers, or a config
+            override).
+        losses: the terms of the objective, each with its weight.
+        taps: tap name -> where it sits (``teacher``/``student``, dotted path) and its reduction.
+        optim: optimiser and learning-rate schedule.
+        save_teacher: also store the teacher's weights in checkpoints.
+    """
+
+    def __init__(
+        self,
+        teacher: TeacherSpec,
+        student: StudentSpec,
+        losses: list[DistillLoss],
+        taps: dict[str, TapSpec] | None = None,
+        optim: OptimConfig | None = None,
+        save_teacher: bool = False,
+    ) -> None:
+        super().__init__(optim)
+        self.save_hyperparameters(ignore=["losses"])
+        if not losses:
+            raise ValueError("DistillModule needs at least one loss, e.g. kd_lightning.losses.KLDivergence")
+        taps = dict(taps or {})
+        self._check_losses(losses, taps)
+
+        teacher_model = load_classifier(teacher.name_or_path, teacher.num_labels)
+        self.num_labels = int(teacher_model.config.num_labels)
+        self.tokenizer = load_tokenizer(teacher.name_or_path)
+        self.student = build_student(student, teacher_model, self.num_labels)
+        if self.student.config.num_labels != self.num_labels:
+            raise ValueError(
+                f"teacher and student have different label counts: teacher {self.num_labels}, "
+                f"student {self.student.config.num_labels}. Give the student a head with {self.num_labels} labels."
+            )
+        if not self.teacher_is_trainable():
+            freeze(teacher_model)
+        # Stored outside nn.Module registration: DDP, the optimiser, train() and the checkpoint never see it.
+        object.__setattr__(self, "_teacher", teacher_model)
+        self.save_teacher = save_teacher
+
+        self.tap_specs = taps
+        self.teacher_taps = FeatureTaps(teacher_model, taps, "teacher")
+        self.student_taps = FeatureTaps(self.student, taps, "student")
+        self.losses = nn.ModuleList(losses)
+        self.needs_teacher = any(loss.needs_teacher for loss in losses)
+        widths = self._probe_tap_widths()
+        for loss in losses:
+            loss.build(widths, self.num_labels)
+        self._init_metrics()
+        self.teacher_val_metrics = classification_metrics(self.num_labels).clone(prefix="val/teacher/")
+        self.teacher_test_metrics = classification_metrics(self.num_labels).clone(prefix="test/teacher/")
+        self.teacher_metrics: dict[str, float] = {}
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher
+
+    def teacher_is_trainable(self) -> bool:
+        """Whether the teacher trains too. ``False`` here; online methods return ``True``."""
+        return False
+
+    # ---- set-up checks ------------------------------------------------------------------------
+    @staticmethod
+    def _check_losses(losses: list[DistillLoss], taps: Mapping[str, TapSpec]) -> None:
+        names = [loss.name for loss in losses]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"losses share the name(s) {repeated}: give each a distinct `name` in its init_args")
+        for loss in losses:
+            missing = [t for t in loss.required_taps if t not in taps]
+            if missing:
+                declared = ", ".join(sorted(taps)) or "none"
+                raise ValueError(
+                    f"loss {loss.name!r} needs tap(s) {missing} that no tap declares (declared: {declared}). "
+                    "Add them under model.init_args.taps with module, path and reduce."
+                )
+
+    @torch.no_grad()
+    def _probe_tap_widths(self) -> dict[str, int]:
+        """Run both models once on a two-token input to learn the width of every tap."""
+        if not self.tap_specs:
+            return {}
+        inputs = self.tokenizer(["width probe"], return_tensors="pt")
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        was_training = self.student.training
+        self.student.eval()
+        widths = {}
+        for model, taps in ((self.teacher, self.teacher_taps), (self.student, self.student_taps)):
+            if len(taps):
+                taps.clear()
+                model(**inputs)
+                widths.update({n: f.shape[-1] for n, f in taps.collect(inputs["attention_mask"]).items()})
+        self.student.train(was_training)
+        return widths
+
+    # ---- device / mode handling of the unregistered teacher ---------------------------------
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillModule:
+        super()._apply(fn, *args, **kwargs)
+        self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> DistillModule:
+        super().train(mode)
+        self._teacher.train(mode and self.teacher_is_trainable())
+        return self
+
+    def trainable_modules(self) -> Iterator[nn.Module]:
+        yield self.student
+        yield self.losses
+
+    # ---- forward passes ------------------------------------------------------------------------
+    def student_outputs(self, batch: Mapping[str, Any]) -> ModelOutputs:
+        self.student_taps.clear()
+        logits = self.student(**model_inputs(batch)).logits
+        mask = batch.get("attention_mask")
+        return ModelOutputs(logits=logits, features=self.student_taps.collect(mask), attention_mask=mask)
+
+    def teacher_outputs(self, batch: Mapping[str, Any]) -> ModelOutputs:
+        grad = torch.enable_grad() if self.teacher_is_trainable() else torch.no_grad()
+        with grad:
+            self.teacher_taps.clear()
+            logits = self.teacher(**model_inputs(batch)).logits
+            mask = batch.get("attention_mask")
+            return ModelOutputs(logits=logits, features=self.teacher_taps.collect(mask), attention_mask=mask)
+
+    def loss_terms(
+        self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        """Unweighted value of every loss, computed in float32 outside autocast."""
+        device_type = student.logits.device.type
+        autocast_off = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+        with autocast_off:
+            return {loss.name: loss(student, teacher, batch) for loss in self.losses}
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        teacher = self.teacher_outputs(batch) if self.needs_teacher else None
+        student = self.student_outputs(batch)
+        terms = self.loss_terms(student, teacher, batch)
+        total = sum(loss.weight * terms[loss.name] for loss in self.losses)
+        batch_size = student.logits.shape[0]
+        for loss in self.losses:
+            self.log(f"train/loss/{loss.name}", terms[loss.name].detach(), batch_size=batch_size)
+            self.log(f"train/weight/{loss.name}", loss.weight, batch_size=batch_size)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        return total
+
+    # ---- teacher reference metrics -------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Measure the teacher once on the validation data, so the gap is visible from step 0."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            return
+        metrics = self.teacher_val_metrics
+        metrics.reset()
+        with torch.no_grad():
+            for batch in datamodule.val_dataloader():
+                batch = self.transfer_batch_to_device(batch, self.device, 0)
+                logits = self.teacher(**model_inputs(batch)).logits
+                metrics.update(class_probabilities(logits), batch["labels"])
+        self.teacher_metrics = {k: float(v) for k, v in metrics.compute().items()}
+        metrics.reset()
+        for logger in self.loggers:
+            logger.log_metrics(self.teacher_metrics, step=self.global_step)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        with torch.no_grad():
+            logits = self.teacher(**model_inputs(batch)).logits
+        self.teacher_test_metrics.update(class_probabilities(logits), batch["labels"])
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self.log_dict(self.teacher_test_metrics.compute())
+        self.teacher_test_metrics.reset()
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.save_teacher:
+            checkpoint["teacher_state_dict"] = self.teacher.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "teacher_state_dict" in checkpoint:
+            self.teacher.load_state_dict(checkpoint["teacher_state_dict"])

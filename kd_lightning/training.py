@@ -1,0 +1,148 @@
+"""What every trainable-student module shares: evaluation, metrics, optimiser and export."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kd_lightning.metrics import class_probabilities, classification_metrics
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warm-up then a schedule over the run's optimiser steps.
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norm weights).
+        betas: Adam betas.
+        warmup_ratio: share of the total steps spent warming up linearly from 0.
+        schedule: ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant`` after warm-up.
+    """
+
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.1
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate factor at ``step`` of ``total`` with ``warmup`` linear warm-up steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The tokenizer fields of a batch, as the HF model takes them."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+class StudentModule(pl.LightningModule):
+    """Base of the modules that train a student classifier.
+
+    Subclasses set ``self.student`` (an HF sequence classifier), ``self.tokenizer`` and
+    ``self.num_labels`` in ``__init__``, then call :meth:`_init_metrics`, and implement
+    ``training_step``.
+    """
+
+    student: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    num_labels: int
+
+    def __init__(self, optim: OptimConfig | None = None) -> None:
+        super().__init__()
+        self.optim = optim or OptimConfig()
+
+    def _init_metrics(self) -> None:
+        self.student.train()  # from_pretrained returns eval mode; Lightning keeps modules as they are
+        metrics = classification_metrics(self.num_labels)
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # ---- data checks --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_labels = getattr(datamodule, "num_labels", None)
+        if data_labels is not None and data_labels != self.num_labels:
+            raise ValueError(
+                f"the data has {data_labels} labels but the model has {self.num_labels}: set the "
+                f"model's num_labels to {data_labels}, or fix the data's label_names / label column"
+            )
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def _evaluate(self, batch: Mapping[str, Any], metrics: nn.Module, stage: str) -> Tensor:
+        logits = self.student(**model_inputs(batch)).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        metrics.update(class_probabilities(logits), batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=False, batch_size=batch["labels"].shape[0], sync_dist=True)
+        return logits
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=False)
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=False)
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        return class_probabilities(self.student(**model_inputs(batch)).logits)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def trainable_modules(self) -> Iterator[nn.Module]:
+        """The modules whose parameters the optimiser holds (student + loss-owned parts)."""
+        yield self.student
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        seen: set[int] = set()
+        for module in self.trainable_modules():
+            for name, param in module.named_parameters():
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.optim.warmup_ratio * total)
+        schedule = self.optim.schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, total, warmup, schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- export -------------------------------------------------------------------------------
+    def export(self, dirpath: str) -> str:
+        """Save the student and its tokenizer as an HF folder that the Auto classes load."""
+        os.makedirs(dirpath, exist_ok=True)
+        self.student.save_pretrained(dirpath)
+        self.tokenizer.save_pretrained(dirpath)
+        return dirpath
