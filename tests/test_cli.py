@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kd_lightning.cli import main
@@ -101,8 +102,16 @@ def test_fine_tune_then_distil_through_the_cli(tiny_bert, tiny_csv, run_in_tmp):
     logits = student(**tokenizer(["a good movie"], return_tensors="pt")).logits
     assert logits.shape == (1, 2)
 
-    # test on the best checkpoint reports the student and the teacher side by side
-    main(["test", "--config", str(distill_cfg), "--ckpt_path", glob.glob(f"{run_dir}/checkpoints/*.ckpt")[0]])
+    # validate / test / predict from a checkpoint; test reports the student and the teacher side by side
+    ckpt = glob.glob(f"{run_dir}/checkpoints/last.ckpt")[0]
+    validated = main(["validate", "--config", str(distill_cfg), "--ckpt_path", ckpt]).trainer.callback_metrics
+    assert 0.0 <= float(validated["val/acc"]) <= 1.0
+    tested = main(["test", "--config", str(distill_cfg), "--ckpt_path", ckpt]).trainer.callback_metrics
+    assert {"test/acc", "test/f1", "test/ece", "test/teacher/acc"} <= set(tested)
+    cli = main(["predict", "--config", str(distill_cfg), "--ckpt_path", ckpt, "--return_predictions=true"])
+    probabilities = torch.cat(cli.trainer.predict_loop.predictions)
+    assert probabilities.shape == (32, 2)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(32))
 
 
 @pytest.mark.parametrize("config", ["teacher.yaml", "distill.yaml"])

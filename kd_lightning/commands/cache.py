@@ -1,0 +1,33 @@
+"""``python -m kd_lightning cache --config X.yaml``: build the teacher-output cache of a config.
+
+The config's model must be a ``DistillModule`` (its ``teacher_cache`` settings are used, or
+the defaults when it has none). Prints the cache folder; a later ``fit`` with
+``teacher_cache`` set reads from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def main(argv: list[str]) -> Any:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return None
+    from kd_lightning.cli import KDLightningCLI
+    from kd_lightning.module import DistillModule
+    from kd_lightning.teacher_cache import TeacherCacheConfig
+
+    sys.argv = sys.argv[:1]
+    cli = KDLightningCLI(args=argv, run=False)
+    module = cli.model
+    if not isinstance(module, DistillModule):
+        raise SystemExit(f"cache: the config's model is {type(module).__name__}; a DistillModule config is needed")
+    module.teacher_cache_config = module.teacher_cache_config or TeacherCacheConfig()
+    cli.datamodule.trainer = cli.trainer
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    cache = module.open_teacher_cache(cli.datamodule)
+    print(f"teacher cache: {cache.folder} ({len(cache)} examples, {cache.meta['dtype']})")
+    return cache

@@ -1,0 +1,201 @@
+"""``TeacherCache``: the frozen teacher's outputs over a split, on disk, read back by example index.
+
+One pass of the teacher writes what the losses need — the logits of every class and each
+teacher tap after its reduction — as memory-mapped ``.npy`` arrays (float16 by default). A
+training step then reads the rows of its batch (``batch["index"]``) instead of running the
+teacher, and the losses receive the same :class:`~kd_lightning.outputs.ModelOutputs`.
+
+The cache folder's name is a hash of everything that determines its content: the tokenised
+split's ``datasets`` fingerprint (data, tokenizer, ``max_length``, sample limits), the teacher's
+weights, the teacher taps (path and reduction) and the storage dtype. Any change gives a new
+folder, never a stale one. Folders are written under a temporary name and renamed when
+complete, so an interrupted build never looks complete.
+
+Layout: ``meta.json``, ``logits.npy`` (N x C), ``tap.<name>.npy`` (N x d for ``cls``/``mean``;
+all token rows for ``tokens``, with ``tap.<name>.offsets.npy`` (N + 1) giving each example's
+rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch import Tensor, nn
+
+from kd_lightning.cache import build_atomically, cache_root
+from kd_lightning.outputs import ModelOutputs
+from kd_lightning.taps import FeatureTaps, TapSpec
+
+CACHEABLE_REDUCTIONS = ("cls", "mean", "tokens")
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Read the teacher's training-split outputs from a cache instead of running it.
+
+    Args:
+        dtype: storage precision, ``float16`` (default) or ``float32``.
+        root: folder of the caches; default ``<project cache>/teacher_outputs``.
+        build: build the cache when missing (else a missing cache is an error).
+    """
+
+    dtype: Literal["float16", "float32"] = "float16"
+    root: str | None = None
+    build: bool = True
+
+
+class CacheRefusedError(ValueError):
+    """The configuration makes cached teacher outputs wrong (random inputs, raw tap outputs)."""
+
+
+def cache_key(dataset_fingerprint: str, teacher_fingerprint: str, taps: Mapping[str, TapSpec], dtype: str) -> str:
+    spec = sorted((name, t.path, t.reduce) for name, t in taps.items() if t.module == "teacher")
+    body = json.dumps([dataset_fingerprint, teacher_fingerprint, spec, dtype])
+    return hashlib.sha256(body.encode()).hexdigest()[:24]
+
+
+def check_cacheable(taps: Mapping[str, TapSpec], datamodule: Any) -> None:
+    """Refuse configurations whose teacher outputs change from one epoch to the next."""
+    if getattr(datamodule, "randomized_inputs", False):
+        raise CacheRefusedError(
+            f"{type(datamodule).__name__} changes its inputs at random (augmentation or masking), so cached teacher "
+            "outputs would not match the batches: remove teacher_cache from the model config, or turn the "
+            "randomisation off."
+        )
+    raw = [name for name, t in taps.items() if t.module == "teacher" and t.reduce not in CACHEABLE_REDUCTIONS]
+    if raw:
+        raise CacheRefusedError(
+            f"teacher tap(s) {raw} use reduce 'none', whose shape depends on the batch's padding; "
+            f"cache only {', '.join(CACHEABLE_REDUCTIONS)} reductions or remove teacher_cache."
+        )
+
+
+class TeacherCache:
+    """A complete cache folder, opened read-only with memory maps."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        meta_file = self.folder / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{self.folder} is not a teacher cache (no meta.json); build it with `python -m kd_lightning cache`")
+        self.meta = json.loads(meta_file.read_text())
+        self.logits = np.load(self.folder / "logits.npy", mmap_mode="r")
+        self.features = {name: np.load(self.folder / f"tap.{name}.npy", mmap_mode="r") for name in self.meta["taps"]}
+        self.offsets = {
+            name: np.load(self.folder / f"tap.{name}.offsets.npy")
+            for name, reduce in self.meta["taps"].items()
+            if reduce == "tokens"
+        }
+
+    def __len__(self) -> int:
+        return int(self.meta["num_examples"])
+
+    def read(self, indices: Tensor, device: torch.device | str = "cpu") -> ModelOutputs:
+        """The cached outputs of the examples at ``indices``, in that order, as float32."""
+        idx = indices.detach().cpu().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"example index out of range for a cache of {len(self)} examples: {idx.min()}..{idx.max()}")
+        logits = torch.from_numpy(np.asarray(self.logits[idx], dtype=np.float32)).to(device)
+        features = {}
+        for name, array in self.features.items():
+            if name in self.offsets:
+                off = self.offsets[name]
+                rows = np.concatenate([np.asarray(array[off[i] : off[i + 1]]) for i in idx]) if idx.size else array[:0]
+            else:
+                rows = array[idx]
+            features[name] = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+        return ModelOutputs(logits=logits, features=features)
+
+    @classmethod
+    def open_or_build(
+        cls,
+        teacher: nn.Module,
+        taps: Mapping[str, TapSpec],
+        dataset: Any,
+        collate: Any,
+        key: str,
+        config: TeacherCacheConfig,
+        batch_size: int = 64,
+    ) -> TeacherCache:
+        """Open the cache ``key`` under ``config.root``, building it first when missing."""
+        root = Path(config.root) if config.root else cache_root() / "teacher_outputs"
+        target = root / key
+        if not target.exists():
+            if not config.build:
+                raise FileNotFoundError(f"no teacher cache at {target}; build it with `python -m kd_lightning cache --config ...`")
+            build_atomically(target, lambda tmp: write_cache(tmp, teacher, taps, dataset, collate, config.dtype, batch_size, key))
+        return cls(target)
+
+
+@torch.no_grad()
+def write_cache(
+    folder: Path,
+    teacher: nn.Module,
+    taps: Mapping[str, TapSpec],
+    dataset: Any,
+    collate: Any,
+    dtype: str,
+    batch_size: int,
+    key: str,
+) -> None:
+    """One pass of ``teacher`` over ``dataset`` (rows carry ``index``), writing the arrays into ``folder``."""
+    from torch.utils.data import DataLoader
+
+    from kd_lightning.training import model_inputs
+
+    teacher_taps = FeatureTaps(teacher, taps, "teacher")
+    reductions = {name: spec.reduce for name, spec in teacher_taps.specs.items()}
+    n = len(dataset)
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]], dtype=np.int64)
+    device = next(teacher.parameters()).device
+    loader = DataLoader(dataset.with_format("torch"), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    arrays: dict[str, np.ndarray] = {}
+    offsets = {name: np.concatenate([[0], np.cumsum(lengths)]) for name, r in reductions.items() if r == "tokens"}
+    written = np.zeros(n, dtype=bool)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with Progress(transient=False) as progress:
+            task = progress.add_task(f"Caching teacher outputs ({n} examples)", total=n)
+            for batch in loader:
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                teacher_taps.clear()
+                logits = teacher(**model_inputs(batch)).logits.float().cpu().numpy()
+                features = {k: v.float().cpu().numpy() for k, v in teacher_taps.collect(batch.get("attention_mask")).items()}
+                index = batch["index"].cpu().numpy()
+                if not arrays:
+                    arrays["logits"] = np.lib.format.open_memmap(folder / "logits.npy", "w+", dtype, (n, logits.shape[-1]))
+                    for name, rows in features.items():
+                        total = int(offsets[name][-1]) if name in offsets else n
+                        arrays[name] = np.lib.format.open_memmap(folder / f"tap.{name}.npy", "w+", dtype, (total, rows.shape[-1]))
+                arrays["logits"][index] = logits
+                for name, rows in features.items():
+                    if name in offsets:
+                        start = 0
+                        for i in index:
+                            count = int(lengths[i])
+                            arrays[name][offsets[name][i] : offsets[name][i] + count] = rows[start : start + count]
+                            start += count
+                    else:
+                        arrays[name][index] = rows
+                written[index] = True
+                progress.advance(task, len(index))
+    finally:
+        teacher_taps.remove()
+        teacher.train(was_training)
+    if not written.all():
+        raise RuntimeError(f"teacher cache build saw {int(written.sum())} of {n} examples: the loader must cover the split")
+    for array in arrays.values():
+        array.flush()
+    for name, off in offsets.items():
+        np.save(folder / f"tap.{name}.offsets.npy", off)
+    meta = {"key": key, "num_examples": n, "dtype": dtype, "taps": reductions}
+    (folder / "meta.json").write_text(json.dumps(meta))
