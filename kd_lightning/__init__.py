@@ -9,6 +9,19 @@ from kd_lightning.training import OptimConfig
 
 __version__ = "0.1.0"
 
+
+def _allow_config_classes_in_checkpoints() -> None:
+    """Checkpoints hold the modules' hyper-parameters, which include these config dataclasses;
+    ``torch.load(weights_only=True)`` (the default since torch 2.6) must be allowed to rebuild them."""
+    import torch
+
+    from kd_lightning.teacher_cache import TeacherCacheConfig
+
+    torch.serialization.add_safe_globals([TeacherSpec, StudentSpec, TapSpec, OptimConfig, TeacherCacheConfig])
+
+
+_allow_config_classes_in_checkpoints()
+
 __all__ = [
     "DistillModule",
     "FeatureTaps",

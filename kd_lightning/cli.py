@@ -3,6 +3,7 @@
 ``python -m kd_lightning fit --config configs/quickstart/distill.yaml``
 ``python -m kd_lightning modules all-MiniLM-L6-v2``      (list a model's tap paths)
 ``python -m kd_lightning quickstart``                    (teacher fine-tune + distillation)
+``python -m kd_lightning cache --config distill.yaml``    (build the teacher-output cache)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+
 
 def trainer_defaults() -> dict[str, Any]:
     """TensorBoard under ``runs/``, rich progress bar and summary, LR logging, best-``val/acc`` checkpoints."""
@@ -41,6 +43,7 @@ class KDLightningCLI(LightningCLI):
 
 
 COMMANDS = {
+    "cache": "kd_lightning.commands.cache",
     "modules": "kd_lightning.commands.modules",
     "quickstart": "kd_lightning.commands.quickstart",
 }

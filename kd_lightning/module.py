@@ -10,11 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.losses.base import DistillLoss
-from kd_lightning.metrics import class_probabilities, classification_metrics
 from kd_lightning.models import StudentSpec, TeacherSpec, build_student, freeze, load_classifier, load_tokenizer
 from kd_lightning.outputs import ModelOutputs
 from kd_lightning.taps import FeatureTaps, TapSpec
-from kd_lightning.training import OptimConfig, StudentModule, model_inputs
+from kd_lightning.teacher_cache import TeacherCache, TeacherCacheConfig, cache_key, check_cacheable
+from kd_lightning.teacher_pass import training_split
+from kd_lightning.training import OptimConfig, StudentModule, default_task_metrics, model_inputs
 
 
 class DistillModule(StudentModule):
@@ -37,7 +38,12 @@ class DistillModule(StudentModule):
         taps: tap name -> where it sits (``teacher``/``student``, dotted path) and its reduction.
         optim: optimiser and learning-rate schedule.
         save_teacher: also store the teacher's weights in checkpoints.
+        teacher_cache: read the teacher's outputs on the training split from an on-disk cache
+            (built on first use) instead of running the teacher each step; validation and
+            test still run the live teacher.
     """
+
+    task_metric_collections = (*StudentModule.task_metric_collections, "teacher_val_metrics", "teacher_test_metrics")
 
     def __init__(
         self,
@@ -47,6 +53,7 @@ class DistillModule(StudentModule):
         taps: dict[str, TapSpec] | None = None,
         optim: OptimConfig | None = None,
         save_teacher: bool = False,
+        teacher_cache: TeacherCacheConfig | None = None,
     ) -> None:
         super().__init__(optim)
         self.save_hyperparameters(ignore=["losses"])
@@ -69,6 +76,8 @@ class DistillModule(StudentModule):
         # Stored outside nn.Module registration: DDP, the optimiser, train() and the checkpoint never see it.
         object.__setattr__(self, "_teacher", teacher_model)
         self.save_teacher = save_teacher
+        self.teacher_cache_config = teacher_cache
+        self.teacher_cache: TeacherCache | None = None
 
         self.tap_specs = taps
         self.teacher_taps = FeatureTaps(teacher_model, taps, "teacher")
@@ -79,8 +88,8 @@ class DistillModule(StudentModule):
         for loss in losses:
             loss.build(widths, self.num_labels)
         self._init_metrics()
-        self.teacher_val_metrics = classification_metrics(self.num_labels).clone(prefix="val/teacher/")
-        self.teacher_test_metrics = classification_metrics(self.num_labels).clone(prefix="test/teacher/")
+        self.teacher_val_metrics = default_task_metrics(self.num_labels).clone(prefix="val/teacher/")
+        self.teacher_test_metrics = default_task_metrics(self.num_labels).clone(prefix="test/teacher/")
         self.teacher_metrics: dict[str, float] = {}
 
     @property
@@ -90,6 +99,26 @@ class DistillModule(StudentModule):
     def teacher_is_trainable(self) -> bool:
         """Whether the teacher trains too. ``False`` here; online methods return ``True``."""
         return False
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.teacher_cache_config is not None and self.needs_teacher:
+            self.teacher_cache = self.open_teacher_cache(self.trainer.datamodule)
+
+    def open_teacher_cache(self, datamodule: Any) -> TeacherCache:
+        """The cache of the teacher's outputs on ``datamodule``'s training split, built if missing."""
+        from kd_lightning.models import parameter_fingerprint
+
+        if self.teacher_is_trainable():
+            raise ValueError(f"{type(self).__name__} trains its teacher: its outputs cannot be cached; remove teacher_cache")
+        check_cacheable(datamodule)
+        dataset, collate = training_split(datamodule)
+        config = self.teacher_cache_config or TeacherCacheConfig()
+        key = cache_key(dataset._fingerprint, parameter_fingerprint(self.teacher), self.tap_specs, config.dtype)
+        self.teacher.to(self.device)
+        cache = TeacherCache.open_or_build(self.teacher, self.tap_specs, dataset, collate, key, config)
+        self.teacher_taps.clear()
+        return cache
 
     # ---- set-up checks ------------------------------------------------------------------------
     @staticmethod
@@ -148,6 +177,10 @@ class DistillModule(StudentModule):
         return ModelOutputs(logits=logits, features=self.student_taps.collect(mask), attention_mask=mask)
 
     def teacher_outputs(self, batch: Mapping[str, Any]) -> ModelOutputs:
+        if self.teacher_cache is not None and self.training:
+            cached = self.teacher_cache.read(batch["index"], self.device)
+            cached.attention_mask = batch.get("attention_mask")
+            return cached
         grad = torch.enable_grad() if self.teacher_is_trainable() else torch.no_grad()
         with grad:
             self.teacher_taps.clear()
@@ -188,7 +221,7 @@ class DistillModule(StudentModule):
             for batch in datamodule.val_dataloader():
                 batch = self.transfer_batch_to_device(batch, self.device, 0)
                 logits = self.teacher(**model_inputs(batch)).logits
-                metrics.update(class_probabilities(logits), batch["labels"])
+                metrics.update(self.predictions(logits), batch["labels"])
         self.teacher_metrics = {k: float(v) for k, v in metrics.compute().items()}
         metrics.reset()
         for logger in self.loggers:
@@ -198,7 +231,7 @@ class DistillModule(StudentModule):
         super().test_step(batch, batch_idx)
         with torch.no_grad():
             logits = self.teacher(**model_inputs(batch)).logits
-        self.teacher_test_metrics.update(class_probabilities(logits), batch["labels"])
+        self.teacher_test_metrics.update(self.predictions(logits), batch["labels"])
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

@@ -34,11 +34,14 @@ class TapSpec:
         module: ``teacher`` or ``student``.
         path: dotted path of the submodule, as listed by ``model.named_modules()``.
         reduce: ``cls``, ``mean``, ``tokens`` or ``none``.
+        capture: the submodule's ``output`` (default) or its first positional ``input`` —
+            e.g. ``classifier`` with ``input`` is the embedding the head sees.
     """
 
     module: Literal["teacher", "student"]
     path: str
     reduce: Reduction = "cls"
+    capture: Literal["output", "input"] = "output"
 
 
 def hidden_states_of(output: Any) -> Tensor:
@@ -108,12 +111,14 @@ class FeatureTaps:
         for name, spec in self.specs.items():
             if spec.reduce not in REDUCTIONS:
                 raise ValueError(f"tap {name!r}: unknown reduction {spec.reduce!r}; choose one of {', '.join(REDUCTIONS)}")
+            if spec.capture not in ("output", "input"):
+                raise ValueError(f"tap {name!r}: capture must be 'output' or 'input', not {spec.capture!r}")
             submodule = resolve_submodule(model, spec.path, owner)
-            self._handles.append(submodule.register_forward_hook(self._hook(name)))
+            self._handles.append(submodule.register_forward_hook(self._hook(name, spec.capture == "input")))
 
-    def _hook(self, name: str):
+    def _hook(self, name: str, of_input: bool):
         def capture(module: nn.Module, args: Any, output: Any) -> None:
-            self._captured[name] = hidden_states_of(output)
+            self._captured[name] = hidden_states_of(args if of_input else output)
 
         return capture
 

@@ -27,14 +27,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from rich.progress import Progress
 from torch import Tensor, nn
 
 from kd_lightning.cache import build_atomically, cache_root
 from kd_lightning.outputs import ModelOutputs
-from kd_lightning.taps import FeatureTaps, TapSpec
+from kd_lightning.taps import TapSpec
+from kd_lightning.teacher_pass import model_pass
 
-CACHEABLE_REDUCTIONS = ("cls", "mean", "tokens")
+CACHEABLE_REDUCTIONS = ("cls", "mean", "tokens")  # and "none" on outputs with one row per example
 
 
 @dataclass
@@ -62,19 +62,13 @@ def cache_key(dataset_fingerprint: str, teacher_fingerprint: str, taps: Mapping[
     return hashlib.sha256(body.encode()).hexdigest()[:24]
 
 
-def check_cacheable(taps: Mapping[str, TapSpec], datamodule: Any) -> None:
-    """Refuse configurations whose teacher outputs change from one epoch to the next."""
+def check_cacheable(datamodule: Any) -> None:
+    """Refuse data whose inputs change from one epoch to the next (tap shapes are checked while building)."""
     if getattr(datamodule, "randomized_inputs", False):
         raise CacheRefusedError(
             f"{type(datamodule).__name__} changes its inputs at random (augmentation or masking), so cached teacher "
             "outputs would not match the batches: remove teacher_cache from the model config, or turn the "
             "randomisation off."
-        )
-    raw = [name for name, t in taps.items() if t.module == "teacher" and t.reduce not in CACHEABLE_REDUCTIONS]
-    if raw:
-        raise CacheRefusedError(
-            f"teacher tap(s) {raw} use reduce 'none', whose shape depends on the batch's padding; "
-            f"cache only {', '.join(CACHEABLE_REDUCTIONS)} reductions or remove teacher_cache."
         )
 
 
@@ -135,7 +129,6 @@ class TeacherCache:
         return cls(target)
 
 
-@torch.no_grad()
 def write_cache(
     folder: Path,
     teacher: nn.Module,
@@ -147,50 +140,41 @@ def write_cache(
     key: str,
 ) -> None:
     """One pass of ``teacher`` over ``dataset`` (rows carry ``index``), writing the arrays into ``folder``."""
-    from torch.utils.data import DataLoader
-
-    from kd_lightning.training import model_inputs
-
-    teacher_taps = FeatureTaps(teacher, taps, "teacher")
-    reductions = {name: spec.reduce for name, spec in teacher_taps.specs.items()}
+    reductions = {name: spec.reduce for name, spec in taps.items() if spec.module == "teacher"}
     n = len(dataset)
     lengths = np.array([len(ids) for ids in dataset["input_ids"]], dtype=np.int64)
-    device = next(teacher.parameters()).device
-    loader = DataLoader(dataset.with_format("torch"), batch_size=batch_size, shuffle=False, collate_fn=collate)
-    arrays: dict[str, np.ndarray] = {}
     offsets = {name: np.concatenate([[0], np.cumsum(lengths)]) for name, r in reductions.items() if r == "tokens"}
+    arrays: dict[str, np.ndarray] = {}
     written = np.zeros(n, dtype=bool)
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        with Progress(transient=False) as progress:
-            task = progress.add_task(f"Caching teacher outputs ({n} examples)", total=n)
-            for batch in loader:
-                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                teacher_taps.clear()
-                logits = teacher(**model_inputs(batch)).logits.float().cpu().numpy()
-                features = {k: v.float().cpu().numpy() for k, v in teacher_taps.collect(batch.get("attention_mask")).items()}
-                index = batch["index"].cpu().numpy()
-                if not arrays:
-                    arrays["logits"] = np.lib.format.open_memmap(folder / "logits.npy", "w+", dtype, (n, logits.shape[-1]))
-                    for name, rows in features.items():
-                        total = int(offsets[name][-1]) if name in offsets else n
-                        arrays[name] = np.lib.format.open_memmap(folder / f"tap.{name}.npy", "w+", dtype, (total, rows.shape[-1]))
-                arrays["logits"][index] = logits
-                for name, rows in features.items():
-                    if name in offsets:
-                        start = 0
-                        for i in index:
-                            count = int(lengths[i])
-                            arrays[name][offsets[name][i] : offsets[name][i] + count] = rows[start : start + count]
-                            start += count
-                    else:
-                        arrays[name][index] = rows
-                written[index] = True
-                progress.advance(task, len(index))
-    finally:
-        teacher_taps.remove()
-        teacher.train(was_training)
+    for step in model_pass(teacher, taps, "teacher", dataset, collate, batch_size, "Caching teacher outputs"):
+        logits = step.logits.float().cpu().numpy()
+        features = {k: v.float().cpu().numpy() for k, v in step.features.items()}
+        index = step.batch["index"].cpu().numpy()
+        uncacheable = [
+            k for k, v in features.items() if reductions[k] == "none" and (v.ndim != 2 or v.shape[0] != len(index))
+        ]
+        if uncacheable:
+            raise CacheRefusedError(
+                f"teacher tap(s) {uncacheable} use reduce 'none' on outputs of shape {features[uncacheable[0]].shape}, "
+                f"which depend on the batch's padding; cache one row per example ({', '.join(CACHEABLE_REDUCTIONS)} "
+                "reductions, or 'none' on pooled outputs) or remove teacher_cache."
+            )
+        if not arrays:
+            arrays["logits"] = np.lib.format.open_memmap(folder / "logits.npy", "w+", dtype, (n, logits.shape[-1]))
+            for name, rows in features.items():
+                total = int(offsets[name][-1]) if name in offsets else n
+                arrays[name] = np.lib.format.open_memmap(folder / f"tap.{name}.npy", "w+", dtype, (total, rows.shape[-1]))
+        arrays["logits"][index] = logits
+        for name, rows in features.items():
+            if name in offsets:
+                start = 0
+                for i in index:
+                    count = int(lengths[i])
+                    arrays[name][offsets[name][i] : offsets[name][i] + count] = rows[start : start + count]
+                    start += count
+            else:
+                arrays[name][index] = rows
+        written[index] = True
     if not written.all():
         raise RuntimeError(f"teacher cache build saw {int(written.sum())} of {n} examples: the loader must cover the split")
     for array in arrays.values():

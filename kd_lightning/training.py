@@ -12,9 +12,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kd_lightning.metrics import class_probabilities, classification_metrics
+from kd_lightning.metrics.glue import regression_metrics
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -55,17 +57,47 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Tensor]:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
 
 
+def default_task_metrics(num_labels: int) -> MetricCollection:
+    """The metrics of a model with ``num_labels`` outputs and no data module to ask: accuracy,
+    macro F1 and ECE for classes; Pearson, Spearman and MSE for one output (regression)."""
+    return regression_metrics() if num_labels == 1 else classification_metrics(num_labels)
+
+
+def decay_groups(modules: Iterator[nn.Module], weight_decay: float, **extra: Any) -> list[dict[str, Any]]:
+    """Two parameter groups of the trainable parameters of ``modules`` (each once): with weight
+    decay, and without it for biases and norm weights."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module in modules:
+        for name, param in module.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, **extra},
+        {"params": no_decay, "weight_decay": 0.0, **extra},
+    ]
+
+
 class StudentModule(pl.LightningModule):
-    """Base of the modules that train a student classifier.
+    """Base of the modules that train a student classifier (or, with one output, a regressor).
 
     Subclasses set ``self.student`` (an HF sequence classifier), ``self.tokenizer`` and
     ``self.num_labels`` in ``__init__``, then call :meth:`_init_metrics`, and implement
     ``training_step``.
+
+    One output (``num_labels = 1``) means regression, as in HF's ``problem_type``: the logits
+    are squeezed to scores, the supervised loss is MSE and predictions are scores. The
+    evaluation metrics are the data module's (``datamodule.task_metrics()``, e.g. GLUE's
+    official ones) when the module is attached to one, else :func:`default_task_metrics`.
     """
 
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     num_labels: int
+    #: The metric collections that evaluate the task; rebuilt from the data module's metrics.
+    task_metric_collections: tuple[str, ...] = ("val_metrics", "test_metrics")
 
     def __init__(self, optim: OptimConfig | None = None) -> None:
         super().__init__()
@@ -73,19 +105,34 @@ class StudentModule(pl.LightningModule):
 
     def _init_metrics(self) -> None:
         self.student.train()  # from_pretrained returns eval mode; Lightning keeps modules as they are
-        metrics = classification_metrics(self.num_labels)
+        metrics = default_task_metrics(self.num_labels)
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    @property
+    def is_regression(self) -> bool:
+        """One output: scores and MSE rather than classes and cross-entropy."""
+        return self.num_labels == 1
 
     # ---- data checks --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_labels = getattr(datamodule, "num_labels", None)
         if data_labels is not None and data_labels != self.num_labels:
+            kind = "is a regression task (one output)" if data_labels == 1 else f"has {data_labels} labels"
             raise ValueError(
-                f"the data has {data_labels} labels but the model has {self.num_labels}: set the "
+                f"the data {kind} but the model has {self.num_labels} output(s): set the "
                 f"model's num_labels to {data_labels}, or fix the data's label_names / label column"
             )
+        if callable(getattr(datamodule, "task_metrics", None)):
+            self._use_task_metrics(datamodule.task_metrics())
+
+    def _use_task_metrics(self, metrics: MetricCollection) -> None:
+        """Rebuild the collections named in :attr:`task_metric_collections` from the task's
+        ``metrics``, each keeping its prefix."""
+        for name in self.task_metric_collections:
+            if hasattr(self, name):
+                setattr(self, name, metrics.clone(prefix=getattr(self, name).prefix))
 
     # ---- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -94,12 +141,27 @@ class StudentModule(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
+    def student_logits(self, batch: Mapping[str, Any]) -> Tensor:
+        """The student's task logits (class level) for evaluation and prediction; methods with
+        other heads (LELP's sub-classes) map their outputs to classes here."""
+        return self.student(**model_inputs(batch)).logits
+
     def _evaluate(self, batch: Mapping[str, Any], metrics: nn.Module, stage: str) -> Tensor:
-        logits = self.student(**model_inputs(batch)).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        metrics.update(class_probabilities(logits), batch["labels"])
+        logits = self.student_logits(batch)
+        loss = self.supervised_loss(logits, batch["labels"])
+        metrics.update(self.predictions(logits), batch["labels"])
         self.log(f"{stage}/loss", loss, prog_bar=False, batch_size=batch["labels"].shape[0], sync_dist=True)
         return logits
+
+    def supervised_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy on class labels, or MSE of the squeezed scores for regression (float32)."""
+        if self.is_regression:
+            return F.mse_loss(logits.float().squeeze(-1), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    def predictions(self, logits: Tensor) -> Tensor:
+        """What the metrics take: class probabilities ``(n, C)``, or scores ``(n,)`` for regression."""
+        return logits.float().squeeze(-1) if self.is_regression else class_probabilities(logits)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=False)
@@ -110,26 +172,19 @@ class StudentModule(pl.LightningModule):
         self.test_metrics.reset()
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        return class_probabilities(self.student(**model_inputs(batch)).logits)
+        return self.predictions(self.student_logits(batch))
 
     # ---- optimisation -------------------------------------------------------------------------
     def trainable_modules(self) -> Iterator[nn.Module]:
         """The modules whose parameters the optimiser holds (student + loss-owned parts)."""
         yield self.student
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups over :meth:`trainable_modules`: weight decay except on biases and norms."""
+        return decay_groups(self.trainable_modules(), self.optim.weight_decay)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        seen: set[int] = set()
-        for module in self.trainable_modules():
-            for name, param in module.named_parameters():
-                if not param.requires_grad or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": self.optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = [g for g in self.parameter_groups() if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.optim.warmup_ratio * total)

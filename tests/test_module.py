@@ -122,7 +122,7 @@ def test_fine_tuned_teacher_head_size_is_checked(tiny_bert):
 def test_data_with_other_label_count_is_rejected_at_setup(tiny_bert, tiny_csv, tmp_path):
     module = distill_module(tiny_bert)
     data = csv_datamodule(tiny_csv, label_names=["neg", "pos", "neutral"])
-    with pytest.raises(ValueError, match="the data has 3 labels but the model has 2"):
+    with pytest.raises(ValueError, match="the data has 3 labels but the model has 2 output"):
         quiet_trainer(tmp_path).fit(module, datamodule=data)
 
 

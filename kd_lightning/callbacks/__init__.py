@@ -1,5 +1,8 @@
 """Lightning Callbacks: export, loss schedules, alignment logging."""
 
+from kd_lightning.callbacks.alignment import AlignmentLogger
+from kd_lightning.callbacks.class_means import TeacherClassMeans
 from kd_lightning.callbacks.export import ExportHF
+from kd_lightning.callbacks.schedules import LossWeightWarmup, TemperatureAnneal
 
-__all__ = ["ExportHF"]
+__all__ = ["AlignmentLogger", "ExportHF", "LossWeightWarmup", "TeacherClassMeans", "TemperatureAnneal"]

@@ -1,5 +1,8 @@
 """``python -m kd_lightning quickstart``: fine-tune the packaged teacher, distil it, compare.
 
+Any further ``--key=value`` arguments are LightningCLI overrides applied to both runs
+(``--trainer.max_steps=5`` for a smoke run).
+
 Runs ``configs/quickstart/teacher.yaml`` (fit, then test on the best checkpoint) and
 ``configs/quickstart/distill.yaml`` (fit, then test), then prints the teacher's and the
 student's test metrics side by side and writes them to ``runs/quickstart/results.json``.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ def _fit_and_test(config: Path, overrides: list[str]) -> dict[str, Any]:
     from kd_lightning.models import count_parameters
 
     start = time.perf_counter()
+    sys.argv = sys.argv[:1]  # the overrides travel in args=; LightningCLI warns when argv holds more
     cli = KDLightningCLI(args=["--config", str(config), *overrides], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
@@ -41,13 +46,14 @@ def _fit_and_test(config: Path, overrides: list[str]) -> dict[str, Any]:
 def main(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m kd_lightning quickstart", description=__doc__)
     parser.add_argument("--config-dir", type=Path, default=CONFIG_DIR, help="folder with teacher.yaml and distill.yaml")
-    parser.add_argument("--max-steps", type=int, default=None, help="cap both fits at this many steps (smoke runs)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        parser.error(f"unexpected arguments {bad}; overrides look like --trainer.max_steps=5")
 
     from kd_lightning.cli import _quiet_transformers
 
     _quiet_transformers()
-    overrides = [f"--trainer.max_steps={args.max_steps}"] if args.max_steps else []
     start = time.perf_counter()
     teacher = _fit_and_test(args.config_dir / "teacher.yaml", overrides)
     student = _fit_and_test(args.config_dir / "distill.yaml", overrides)

@@ -1,19 +1,25 @@
-"""``TextClassificationDataModule``: single texts or text pairs with class labels, on HF ``datasets``."""
+"""``TextClassificationDataModule``: single texts or text pairs with class labels or scores, on HF ``datasets``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kd_lightning.data.packaged import PACKAGED_DATASETS, materialize_packaged
+from kd_lightning.data.sampling import LengthGroupedBatchSampler
+from kd_lightning.metrics.glue import regression_metrics
+from kd_lightning.metrics.task import classification_metrics
 
 SPLITS = ("train", "validation", "test")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -34,31 +40,72 @@ def file_format(paths: list[str]) -> str:
     return formats.pop()
 
 
+def _has_rows(path: str, builder: str) -> bool:
+    """Whether a local data file holds at least one row (``datasets`` fails on empty files)."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = [line for line in handle if line.strip()]
+    if builder == "csv":
+        return len(lines) > 1  # a header and at least one row
+    return bool(lines) and "".join(lines).strip() != "[]"
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def _column(data: Any, name: str) -> Any:
+    """One column as a pyarrow array (respects ``select``; no cache file is written)."""
+    return data.with_format("arrow")[name]
+
+
 class TextClassificationDataModule(pl.LightningDataModule):
-    """Tokenised, dynamically padded text-classification batches.
+    """Tokenised, dynamically padded batches of texts (or text pairs) with labels.
 
     The data comes from one of:
 
-    - ``dataset``: a packaged offline set (``packaged/rotten_tomatoes``, ``packaged/imdb``) or
-      a hub data set name (with ``dataset_config``);
+    - ``dataset``: a packaged offline set (``packaged/rotten_tomatoes``, ``packaged/imdb``,
+      ``packaged/amazon_snippets``, ``packaged/amazon_snippets_3class``) or a hub data set
+      name (with ``dataset_config`` and ``revision``);
     - ``data_files``: local ``csv``/``tsv``/``json``(lines)/``parquet`` files, a mapping
       split -> path(s), or one path (then validation and test are carved from it).
 
     Splits missing from the source are carved from ``train`` with ``split_seed``; the splits
     used are written to ``data_splits.json`` in the run directory. Tokenisation runs through
-    ``datasets.map`` with a fingerprint of the data, the tokenizer and the settings, so a second
-    run reuses the cached result.
+    ``datasets.map`` under a fingerprint of the data, the tokenizer and the settings, so a
+    second run with the same settings loads the tokenised cache instead of tokenising again.
+
+    Labels are class indices (integers, strings mapped through ``label_names``, a
+    ``ClassLabel``, or raw values mapped through ``label_map``), or float scores when
+    ``regression`` is set (one output, MSE; STS-B).
+
+    A data module brings its task's metrics (:meth:`task_metrics`) and the validation metric
+    a checkpoint should follow (:attr:`monitor`, :attr:`monitor_mode`); the kd_lightning
+    modules evaluate with them when attached to it.
 
     Args:
         text_column / text_pair_column: the text (and optional second text) columns.
-        label_column: the label column (integers, strings, or a ``ClassLabel``).
+        label_column: the label column.
         label_names: class names in index order; string labels are mapped through them.
-        split_names: our split -> the source's split name, e.g. ``{validation: dev}``.
+        label_map: raw label value -> class index, e.g. ``{0: 0, 4: 1}`` (Sentiment140).
+        drop_labels: raw label values whose rows are removed before use (e.g. a neutral class).
+        regression: float targets and one output (``num_labels = 1``).
+        split_names: our split -> the source's split name, e.g. ``{validation: dev}``; several
+            of our splits may name the same source split.
         validation_fraction / test_fraction: shares of ``train`` carved off when missing.
+        split_seed: seed of the carving (and of the packaged sets' splits).
+        revision: hub revision (branch, tag or commit) of a hub data set.
         tokenizer: a tokenizer name or folder; default: the model's (``module.tokenizer``).
         max_length: truncation length in tokens.
         max_train_samples / max_eval_samples: keep only the first N rows (quick runs).
         batch_size / eval_batch_size: rows per batch (evaluation defaults to ``2 * batch_size``).
+        group_by_length: batch training rows of similar length (less padding), see
+            :class:`~kd_lightning.data.sampling.LengthGroupedBatchSampler`.
+        length_group_size: batches per length-sorted group when ``group_by_length``.
+        shuffle_seed: seed of the training order when ``group_by_length`` (default ``split_seed``).
         num_workers: DataLoader worker processes.
     """
 
@@ -71,21 +118,30 @@ class TextClassificationDataModule(pl.LightningDataModule):
         text_pair_column: str | None = None,
         label_column: str = "label",
         label_names: list[str] | None = None,
+        label_map: dict[str | int, int] | None = None,
+        drop_labels: list[str | int] | None = None,
+        regression: bool = False,
         split_names: dict[str, str] | None = None,
         validation_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        revision: str | None = None,
         tokenizer: str | None = None,
         max_length: int = 128,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
+        group_by_length: bool = False,
+        length_group_size: int = 50,
+        shuffle_seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         if (dataset is None) == (data_files is None):
             raise ValueError("give exactly one of `dataset` (a packaged or hub name) and `data_files` (local files)")
+        if regression and (label_names or label_map):
+            raise ValueError("regression data has float scores: label_names and label_map do not apply")
         self.dataset_name = dataset
         self.dataset_config = dataset_config
         self.data_files = data_files
@@ -93,21 +149,53 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.text_pair_column = text_pair_column
         self.label_column = label_column
         self.label_names = list(label_names) if label_names is not None else None
+        self.label_map = dict(label_map) if label_map is not None else None
+        self.drop_labels = list(drop_labels or [])
+        self.regression = regression
         self.split_names = dict(split_names or {})
         self.validation_fraction = validation_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.revision = revision
         self.tokenizer_name = tokenizer
         self.max_length = max_length
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.group_by_length = group_by_length
+        self.length_group_size = length_group_size
+        self.shuffle_seed = split_seed if shuffle_seed is None else shuffle_seed
         self.num_workers = num_workers
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Any] = {}
-        self.num_labels: int | None = None
+        self.num_labels: int | None = 1 if regression else None
         self.split_record: dict[str, Any] = {}
+
+    # ---- the task --------------------------------------------------------------------------------
+    @property
+    def is_regression(self) -> bool:
+        """Float targets and a one-output head (MSE) rather than classes."""
+        return self.regression
+
+    def task_metrics(self) -> MetricCollection:
+        """The metrics of this task: accuracy, macro F1 and ECE for classes; Pearson,
+        Spearman and MSE for scores. Needs ``num_labels``, known after :meth:`setup`."""
+        if self.is_regression:
+            return regression_metrics()
+        if self.num_labels is None:
+            raise RuntimeError("task_metrics() needs the number of classes: call setup() first")
+        return classification_metrics(self.num_labels)
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric that selects the best checkpoint."""
+        return "val/mse" if self.is_regression else "val/acc"
+
+    @property
+    def monitor_mode(self) -> str:
+        """``max`` or ``min``: which way :attr:`monitor` improves."""
+        return "min" if self.is_regression else "max"
 
     # ---- loading -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -121,6 +209,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         if self.dataset_name in PACKAGED_DATASETS:
             folder = materialize_packaged(self.dataset_name, self.split_seed, self.validation_fraction, self.test_fraction)
             self.split_record = json.loads((folder / "splits.json").read_text())
+            self.label_names = self.label_names or list(PACKAGED_DATASETS[self.dataset_name].label_names)
             files = {split: str(folder / f"{split}.parquet") for split in SPLITS}
             return datasets.load_dataset("parquet", data_files=files)
         if self.data_files is not None:
@@ -131,14 +220,19 @@ class TextClassificationDataModule(pl.LightningDataModule):
             try:
                 return datasets.load_dataset(builder, data_files=files, **kwargs)
             except Exception as err:
+                empty = [split for split, paths in files.items() if not any(_has_rows(p, builder) for p in paths)]
+                if empty:
+                    raise ValueError(f"the {empty[0]} split is empty: {files[empty[0]]} has no rows") from err
                 raise ValueError(f"cannot read data files {files} as {builder}: {err}") from err
+        kwargs = {"revision": self.revision} if self.revision else {}
         try:
-            return datasets.load_dataset(self.dataset_name, self.dataset_config)
+            return datasets.load_dataset(self.dataset_name, self.dataset_config, **kwargs)
         except Exception as err:
             raise ValueError(
                 f"cannot load the data set {self.dataset_name!r}"
                 f"{f' ({self.dataset_config})' if self.dataset_config else ''} from the hub: {err}. "
-                f"Offline, use a packaged set ({', '.join(PACKAGED_DATASETS)}) or data_files with local files."
+                f"Offline, use a packaged set ({', '.join(PACKAGED_DATASETS)}) or data_files with local "
+                "files in the same schema."
             ) from err
 
     def _named_splits(self, raw: Any) -> dict[str, Any]:
@@ -146,19 +240,29 @@ class TextClassificationDataModule(pl.LightningDataModule):
         present = {split: raw[self.split_names.get(split, split)] for split in SPLITS if self.split_names.get(split, split) in raw}
         if "train" not in present:
             raise ValueError(f"the data has no train split (splits: {list(raw)}); map one with split_names: {{train: <name>}}")
+        missing = [f"{ours} -> {theirs}" for ours, theirs in self.split_names.items() if theirs not in raw]
+        if missing:
+            raise ValueError(f"split_names name source splits that do not exist: {missing}; the source has {list(raw)}")
         carved: dict[str, list[int]] = {}
-        for split, fraction in (("test", self.test_fraction), ("validation", self.validation_fraction)):
-            if split in present:
-                continue
-            parts = present["train"].add_column("_row", list(range(len(present["train"])))).train_test_split(
-                test_size=fraction, seed=self.split_seed
-            )
+        to_carve = [(s, f) for s, f in (("test", self.test_fraction), ("validation", self.validation_fraction)) if s not in present]
+        if to_carve:  # ``_row``: each row's position in the source's train split, for the record
+            present["train"] = present["train"].add_column("_row", list(range(len(present["train"]))))
+        for split, fraction in to_carve:
+            train = present["train"]
+            try:
+                parts = train.train_test_split(test_size=fraction, seed=self.split_seed)
+            except ValueError as err:
+                raise ValueError(
+                    f"cannot carve a {split} split of fraction {fraction} from a train split of {len(train)} rows ({err}). "
+                    f"Give a {split} file/split, or change {split}_fraction."
+                ) from err
             present["train"], present[split] = parts["train"], parts["test"]
-            carved[split] = [int(i) for i in present[split]["_row"]]
-            present = {k: v.remove_columns("_row") if "_row" in v.column_names else v for k, v in present.items()}
+            carved[split] = sorted(int(i) for i in _column(present[split], "_row").to_pylist())
+        present = {k: v.remove_columns("_row") if "_row" in v.column_names else v for k, v in present.items()}
         if carved:
             self.split_record.setdefault("carved_from_train", {}).update(carved)
             self.split_record["seed"] = self.split_seed
+        self.split_record["source_splits"] = {split: self.split_names.get(split, split) for split in SPLITS if split not in carved}
         return present
 
     def _check_columns(self, split: str, data: Any) -> None:
@@ -170,30 +274,62 @@ class TextClassificationDataModule(pl.LightningDataModule):
                 "Set text_column / text_pair_column / label_column to the right names."
             )
         if len(data) == 0:
-            raise ValueError(f"the {split} split is empty: check the files, split_names, or max_*_samples")
+            raise ValueError(f"the {split} split is empty: check the files, split_names, drop_labels or max_*_samples")
+
+    def _drop_rows(self, split: str, data: Any) -> Any:
+        """Remove the rows whose raw label is in ``drop_labels``."""
+        if not self.drop_labels:
+            return data
+        drop, column = set(self.drop_labels), self.label_column
+        return data.filter(
+            lambda labels: [value not in drop for value in labels],
+            input_columns=column,
+            batched=True,
+            new_fingerprint=_digest(data._fingerprint, "drop", column, sorted(map(str, drop))),
+            desc=f"Dropping labels {sorted(map(str, drop))} from {split}",
+        )
 
     def _label_mapping(self, train: Any) -> dict[Any, int] | None:
-        """String label -> index, or None for integer labels; sets ``num_labels``."""
+        """Raw label -> index, or None when labels are used as they are; sets ``num_labels``."""
         import datasets
 
         feature = train.features[self.label_column]
+        if self.regression:
+            if not (isinstance(feature, datasets.Value) and (feature.dtype.startswith(("float", "int")))):
+                raise ValueError(f"regression needs numeric scores, but the label column {self.label_column!r} is {feature}")
+            return None
+        if self.label_map is not None:
+            indices = sorted(set(self.label_map.values()))
+            self.num_labels = len(self.label_names) if self.label_names else indices[-1] + 1
+            if indices[0] < 0 or indices[-1] >= self.num_labels:
+                raise ValueError(f"label_map {self.label_map} maps to indices outside 0..{self.num_labels - 1}")
+            return dict(self.label_map)
         if isinstance(feature, datasets.ClassLabel):
             if self.label_names is not None and len(self.label_names) != feature.num_classes:
                 raise ValueError(f"label_names has {len(self.label_names)} names but the data has {feature.num_classes} classes: {feature.names}")
             self.label_names = self.label_names or list(feature.names)
             self.num_labels = feature.num_classes
             return None
-        values = train.unique(self.label_column)
+        values = _column(train, self.label_column).unique().to_pylist()
         if any(isinstance(v, str) for v in values):
-            self.label_names = self.label_names or sorted(values)
+            self.label_names = self.label_names or sorted(str(v) for v in values)
             self.num_labels = len(self.label_names)
             return {name: i for i, name in enumerate(self.label_names)}
-        self.num_labels = len(self.label_names) if self.label_names else int(max(values)) + 1
+        if any(v is not None and not float(v).is_integer() for v in values):
+            raise ValueError(
+                f"the label column {self.label_column!r} holds non-integer numbers {sorted(v for v in values if v is not None)[:5]}...: "
+                "set regression: true for scores, or give class indices"
+            )
+        ints = [int(v) for v in values if v is not None]
+        self.num_labels = len(self.label_names) if self.label_names else max(ints, default=0) + 1
         return None
 
     def _check_labels(self, split: str, data: Any, mapping: dict[Any, int] | None) -> None:
-        values = data.unique(self.label_column)
-        if mapping is not None:
+        values = _column(data, self.label_column).unique().to_pylist()
+        if self.regression:
+            bad = [v for v in values if v is None or not math.isfinite(v)]
+            allowed = "finite numbers"
+        elif mapping is not None:
             bad = [v for v in values if v not in mapping]
             allowed = list(mapping)
         else:
@@ -202,30 +338,42 @@ class TextClassificationDataModule(pl.LightningDataModule):
         if bad:
             raise ValueError(
                 f"the {split} split has labels {sorted(map(str, bad))[:10]} outside the label set ({allowed}). "
-                "Fix the data, or set label_names to the full list of classes."
+                "Fix the data, set label_names / label_map to the full list of classes, or list values to "
+                "remove in drop_labels."
             )
 
     # ---- tokenisation --------------------------------------------------------------------------
     def _tokenizer_key(self) -> str:
+        """A hash of what the tokenizer does. A fast tokenizer's serialisation also holds the
+        truncation/padding state its last call left behind: that is left out, so the key (and
+        the tokenised cache) does not change once the tokenizer has been used."""
         tok = self.tokenizer
         backend = getattr(tok, "backend_tokenizer", None)
-        body = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+        if backend is not None:
+            state = json.loads(backend.to_str())
+            state.pop("truncation", None)
+            state.pop("padding", None)
+            body = json.dumps(state, sort_keys=True)
+        else:
+            body = json.dumps(sorted(tok.get_vocab().items()))
         return hashlib.sha256(f"{type(tok).__name__}|{body}".encode()).hexdigest()[:16]
 
     def _tokenize(self, split: str, data: Any, mapping: dict[Any, int] | None) -> Any:
         tokenizer, text, pair, label = self.tokenizer, self.text_column, self.text_pair_column, self.label_column
-        max_length = self.max_length
+        max_length, regression = self.max_length, self.regression
 
         def encode(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, Any]:
             texts = [t if t is not None else "" for t in rows[text]]
             pairs = [t if t is not None else "" for t in rows[pair]] if pair else None
             encoded = dict(tokenizer(texts, pairs, truncation=True, max_length=max_length))
-            encoded["labels"] = [mapping[v] for v in rows[label]] if mapping is not None else rows[label]
+            if regression:
+                encoded["labels"] = [float(v) for v in rows[label]]
+            else:
+                encoded["labels"] = [mapping[v] for v in rows[label]] if mapping is not None else rows[label]
             encoded["index"] = indices
             return encoded
 
-        settings = f"{data._fingerprint}|{self._tokenizer_key()}|{text}|{pair}|{label}|{mapping}|{max_length}"
-        fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:32]
+        fingerprint = _digest(data._fingerprint, self._tokenizer_key(), text, pair, label, mapping, regression, max_length)
         return data.map(
             encode,
             batched=True,
@@ -243,12 +391,13 @@ class TextClassificationDataModule(pl.LightningDataModule):
         splits = self._named_splits(self.load_raw())
         for split, data in splits.items():
             self._check_columns(split, data)
+        splits = {split: self._drop_rows(split, data) for split, data in splits.items()}
         mapping = self._label_mapping(splits["train"])
         for split, data in splits.items():
             limit = self.max_train_samples if split == "train" else self.max_eval_samples
             if limit is not None:
                 data = data.select(range(min(limit, len(data))))
-                self._check_columns(split, data)
+            self._check_columns(split, data)
             self._check_labels(split, data, mapping)
             self.datasets[split] = self._tokenize(split, data, mapping)
         self.split_record["sizes_used"] = {split: len(d) for split, d in self.datasets.items()}
@@ -276,14 +425,24 @@ class TextClassificationDataModule(pl.LightningDataModule):
     # ---- loaders -------------------------------------------------------------------------------
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         data = self.datasets[split].with_format("torch")
-        return DataLoader(
-            data,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=DataCollatorWithPadding(self.tokenizer),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        if self.num_workers > 0:
+            # The fast tokenizer's thread pool does not survive fork; the collator only pads.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        common = {
+            "collate_fn": DataCollatorWithPadding(self.tokenizer),
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if shuffle and self.group_by_length:
+            import pyarrow.compute as pc
+
+            lengths = pc.list_value_length(_column(self.datasets[split], "input_ids")).to_numpy()
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.shuffle_seed))
+            batches = LengthGroupedBatchSampler(
+                sampler, batch_size, drop_last=False, lengths=lengths, group_size=self.length_group_size, seed=self.shuffle_seed
+            )
+            return DataLoader(data, batch_sampler=batches, **common)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

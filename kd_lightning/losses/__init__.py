@@ -1,7 +1,46 @@
 """Distillation losses: ``functional`` holds the math, the classes wire it to taps and YAML."""
 
 from kd_lightning.losses.base import DistillLoss, FeatureLoss
-from kd_lightning.losses.features import ProjectedMSE
-from kd_lightning.losses.logits import CrossEntropy, KLDivergence
+from kd_lightning.losses.dist import DIST
+from kd_lightning.losses.dkd import DKD
+from kd_lightning.losses.features import CosineDistance, ProjectedMSE
+from kd_lightning.losses.geometry import CKA, GramDistance, Procrustes
+from kd_lightning.losses.logits import (
+    BalancedDivergence,
+    CrossEntropy,
+    JSDivergence,
+    KLDivergence,
+    LogitDivergence,
+    ReverseKLDivergence,
+    SkewKLDivergence,
+    SkewReverseKLDivergence,
+    TotalVariationDistance,
+)
+from kd_lightning.losses.nd import NDLoss
+from kd_lightning.losses.regression import LabelMSE, ScoreMSE
+from kd_lightning.losses.sinkhorn import SinkhornDistance
 
-__all__ = ["CrossEntropy", "DistillLoss", "FeatureLoss", "KLDivergence", "ProjectedMSE"]
+__all__ = [
+    "CKA",
+    "DIST",
+    "DKD",
+    "BalancedDivergence",
+    "CosineDistance",
+    "CrossEntropy",
+    "DistillLoss",
+    "FeatureLoss",
+    "GramDistance",
+    "JSDivergence",
+    "KLDivergence",
+    "LabelMSE",
+    "LogitDivergence",
+    "NDLoss",
+    "Procrustes",
+    "ProjectedMSE",
+    "ReverseKLDivergence",
+    "ScoreMSE",
+    "SinkhornDistance",
+    "SkewKLDivergence",
+    "SkewReverseKLDivergence",
+    "TotalVariationDistance",
+]

@@ -74,8 +74,14 @@ class FeatureLoss(DistillLoss):
         return (self.student_tap, self.teacher_tap)
 
     def feature_pair(self, student: ModelOutputs, teacher: ModelOutputs) -> tuple[Tensor, Tensor]:
-        """The (student, teacher) rows of this loss's taps, in float32 for stable geometry."""
-        return student.features[self.student_tap].float(), teacher.features[self.teacher_tap].float()
+        """The (student, teacher) rows of this loss's taps, half precision upcast to float32."""
+        s, t = student.features[self.student_tap], teacher.features[self.teacher_tap]
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"loss {self.name!r}: student tap {self.student_tap!r} gives {s.shape[0]} rows but teacher tap "
+                f"{self.teacher_tap!r} gives {t.shape[0]}; pair taps with the same reduction"
+            )
+        return float32(s), float32(t)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, student={self.student_tap!r}, teacher={self.teacher_tap!r}"
@@ -84,3 +90,45 @@ class FeatureLoss(DistillLoss):
 def float32(t: Tensor) -> Tensor:
     """Upcast half-precision tensors; the losses compute in float32 under mixed precision."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def row_mask(student: ModelOutputs, batch: Mapping[str, Any], key: str | None = None) -> Tensor | None:
+    """Which rows of the student's logits a logit loss averages over.
+
+    ``batch[key]`` when a key is named (e.g. a response-token mask of a causal-LM batch); else,
+    for ``(batch, seq, vocab)`` logits, the attention mask (padding does not count); else
+    ``None`` (every row of ``(batch, classes)`` logits counts).
+    """
+    if key is not None:
+        return batch[key]
+    if student.logits.dim() == 3 and student.attention_mask is not None:
+        return student.attention_mask
+    return None
+
+
+class ProjectedFeatureLoss(FeatureLoss):
+    """A feature loss that needs equal widths, so may learn a student-side map ``d_s -> d_t``.
+
+    Args:
+        student, teacher: the tap names.
+        projection: learn a linear map ``d_s -> d_t`` (trained and saved with the student):
+            ``null`` only when the widths differ, ``true`` always, ``false`` never.
+        weight, name: see :class:`DistillLoss`.
+    """
+
+    def __init__(
+        self, student: str, teacher: str, projection: bool | None = None, weight: float = 1.0, name: str | None = None
+    ) -> None:
+        super().__init__(student, teacher, weight=weight, name=name)
+        self.project = projection
+        self.projection: nn.Linear | None = None
+
+    def build(self, tap_widths: Mapping[str, int], num_labels: int) -> None:
+        width_s, width_t = tap_widths[self.student_tap], tap_widths[self.teacher_tap]
+        project = width_s != width_t if self.project is None else self.project
+        if not project and width_s != width_t:
+            raise ValueError(
+                f"loss {self.name!r}: student width {width_s} != teacher width {width_t}; "
+                "allow a projection (projection: true or null)"
+            )
+        self.projection = nn.Linear(width_s, width_t, bias=False) if project else None

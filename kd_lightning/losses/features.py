@@ -1,4 +1,4 @@
-"""Losses between hidden features of student and teacher taps."""
+"""Losses between hidden features of a student tap and a teacher tap, row by row."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.base import FeatureLoss
+from kd_lightning.losses.base import FeatureLoss, ProjectedFeatureLoss
 from kd_lightning.outputs import ModelOutputs
 
 
@@ -26,3 +26,17 @@ class ProjectedMSE(FeatureLoss):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
         s, t = self.feature_pair(student, teacher)
         return functional.projected_mse(s, t, self.projection)
+
+
+class CosineDistance(ProjectedFeatureLoss):
+    """PKD (Sun et al., 2019, "Patient Knowledge Distillation for BERT Model Compression").
+
+    ``1/n sum_i || s_i / ||s_i|| - t_i / ||t_i|| ||^2`` (the paper applies it to the ``[CLS]``
+    rows of paired layers: one loss per pair). Needs equal widths or a learned projection.
+
+    Args: see :class:`~kd_lightning.losses.base.ProjectedFeatureLoss`.
+    """
+
+    def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
+        s, t = self.feature_pair(student, teacher)
+        return functional.cosine_distance(s, t, self.projection)

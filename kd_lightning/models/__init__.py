@@ -27,4 +27,5 @@ __all__ = [
     "load_tokenizer",
     "parameter_fingerprint",
     "resolve_model_path",
+    "student_from_teacher_layers",
 ]

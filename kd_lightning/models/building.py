@@ -141,6 +141,14 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels
         return student_from_teacher_layers(teacher, list(spec.from_teacher_layers))
     overrides = dict(spec.config_overrides or {})
     if spec.name_or_path is not None and not overrides:
+        path = resolve_model_path(spec.name_or_path)
+        own_labels = AutoConfig.from_pretrained(path).num_labels
+        if _checkpoint_has_classifier(path) and own_labels != num_labels:
+            raise ValueError(
+                f"teacher and student have different label counts: teacher {num_labels}, student {own_labels} "
+                f"({spec.name_or_path} has a trained head). Start the student from a base encoder or a "
+                f"checkpoint with {num_labels} labels."
+            )
         return load_classifier(spec.name_or_path, num_labels)
     if spec.name_or_path is not None:
         config = load_config(spec.name_or_path, num_labels=num_labels)
