@@ -223,8 +223,9 @@ def markdown(results: dict) -> str:
     lines = [
         "# Loss cost (forward + backward)",
         "",
-        f"`python benchmarks/loss_cost.py{' --quick' if meta['quick'] else ''}` on {meta['date']}: torch {meta['torch']}, "
-        f"{meta['threads']} threads, CPU `{meta['cpu']}`, load average at start {tuple(round(x, 1) for x in meta['load_average_at_start'])}.",
+        f"`python benchmarks/loss_cost.py{' --quick' if meta['quick'] else ''} --threads {meta['threads']}` on {meta['date']}: "
+        f"torch {meta['torch']}, torch threads: {meta['threads']}, CPU `{meta['cpu']}`, load average at start "
+        f"{tuple(round(x, 1) for x in meta['load_average_at_start'])} (a shared machine: other jobs ran meanwhile).",
         "Median time in ms / peak memory allocated during the call in MB. Logits: rows x C; features: rows x d "
         "(student and teacher both d wide).",
         "",

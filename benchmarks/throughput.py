@@ -22,12 +22,13 @@ Every contender does the same work: the packaged Rotten Tomatoes training split 
 Method. Each contender's own training loop runs in its own thread and pauses at the same point of
 every step, right after the batch is fetched (Lightning: ``on_train_batch_start``; TextBrewer: its
 ``batch_postprocessor``; the loops: after ``next(loader)``). The main thread lets one contender at a
-time run a window of ``--steps`` steps, then the next: contenders alternate, in forward then reverse
-order from one repeat to the next, so a slow spell of the shared machine hits all of them. A window
-covers exactly ``steps`` full iterations (fetch, forward, loss, backward, optimiser, framework
-bookkeeping); samples/s = steps x batch / window time. Set-up (model loading, ``Trainer.fit`` set-up,
-the cache build) is outside the windows. Ratios are taken per repeat between windows of the same
-repeat, and the median over repeats is reported.
+time run one step, then the next, round robin, the order rotating by one every round: contenders
+alternate step by step, so a slow spell of the shared machine hits all of them alike. Each timed
+step is exactly one full iteration (fetch, forward, loss, backward, optimiser, framework
+bookkeeping), from the tick that resumes the loop to the tick that pauses it. A repeat is
+``--steps`` rounds; a contender's samples/s in a repeat = steps x batch / the sum of its step
+times. Set-up (model loading, ``Trainer.fit`` set-up, the cache build) and the warm-up steps are
+outside the timing. Ratios are taken per repeat, and the median over repeats is reported.
 
 Checks, asserted: all contenders see the same batches in the same order; every student parameter
 tensor changes; the Lightning runs made exactly the requested optimiser steps; the objectives agree
@@ -35,9 +36,10 @@ tensor changes; the Lightning runs made exactly the requested optimiser steps; t
 teacher's entropy, a constant, and its ``kd_loss_weight`` is ``0.5 T^2`` since it does not scale by
 ``T^2``).
 
-Memory: peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of a fresh
-subprocess per contender that builds it, runs its set-up and ``--memory-steps`` steps; ``baseline``
-is a process that only imports what every probe imports and prepares the data.
+Memory: peak resident set size (``VmHWM`` of ``/proc/self/status``; ``ru_maxrss`` would carry the
+parent's peak into the child on Linux) of a fresh subprocess per contender that builds it, runs its
+set-up and ``--memory-steps`` steps; ``baseline`` is a process that only imports what every probe
+imports and prepares the data.
 
 Writes ``benchmarks/results/throughput.{md,json}`` (``--out-dir``).
 """
@@ -61,16 +63,46 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")  # TextBrewer's loop would otherwise draw a progress bar on a terminal
 
-import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+
+
+def ensure_torchvision_importable() -> None:
+    """Let a torchvision whose C++ ops cannot load still be imported (torchdistill imports it).
+
+    PyPI's torchvision 0.28.0 is a CUDA build (``0.28.0+cu130``). With the CPU torch its ``_C``
+    library does not load, and ``import torchvision`` then fails registering fake kernels for
+    ``torchvision::nms`` and ``torchvision::qnms`` -- and so does anything that imports it, such as
+    ``from transformers import BertModel``. Declaring those two schemas first lets the import
+    finish; no torchvision op is used here. Does nothing when torchvision is absent or its ops load.
+    Must run before transformers or torchdistill import torchvision.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    try:
+        for library in sorted(Path(spec.submodule_search_locations[0]).glob("_C*.so")):
+            torch.ops.load_library(str(library))
+    except OSError:
+        for op in ("nms", "qnms"):
+            try:
+                torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            except RuntimeError:
+                pass  # already declared
+
+
+ensure_torchvision_importable()
+
+import lightning.pytorch as pl  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -269,7 +301,7 @@ def objective_check(config: BenchConfig, contenders: list[str]) -> dict[str, Any
         s = base.clone().requires_grad_(True)
         value = objective(s)
         value.backward()
-        values[name], grads[name] = float(value) - offsets[name], s.grad
+        values[name], grads[name] = value.item() - offsets[name], s.grad
     for name in objectives:
         assert math.isclose(values[name], values["kd_lightning"], rel_tol=1e-5, abs_tol=1e-6), (name, values)
         torch.testing.assert_close(grads[name], grads["kd_lightning"], rtol=1e-5, atol=1e-7)
@@ -611,31 +643,15 @@ class TextBrewerLive(Contender):
 
 
 def import_torchdistill() -> Any:
-    """Import torchdistill, working around a torchvision that cannot load its C++ ops.
-
-    torchdistill imports torchvision's model zoo. PyPI's torchvision 0.28.0 is a CUDA build
-    (``0.28.0+cu130``): with the CPU torch its ``_C`` ops library does not load, and
-    ``import torchvision`` then fails registering fake kernels for ``torchvision::nms`` and
-    ``torchvision::qnms``. Declaring those two schemas lets the import finish; no torchvision op
-    is used here.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(spec.submodule_search_locations[0])
-        libraries = sorted(folder.glob("_C*.so"))
-        try:
-            for library in libraries:
-                torch.ops.load_library(str(library))
-        except OSError:
-            for op in ("nms", "qnms"):
-                try:
-                    torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-                except RuntimeError:
-                    pass  # already declared
-    import torchdistill.core.distillation
-
+    """``torchdistill.core.distillation``, or an ImportError that says what to install."""
+    try:
+        import torchdistill.core.distillation
+    except ImportError as err:
+        raise ImportError(
+            f"torchdistill cannot be imported ({err}); install it with torchvision: `pip install torchdistill "
+            "torchvision==0.28.0` (CPU-only torch: torchvision from https://download.pytorch.org/whl/cpu), or "
+            "leave torchdistill_live out of --contenders"
+        ) from err
     return torchdistill.core.distillation
 
 
@@ -729,9 +745,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
             log(f"  warm-up {name}: {config.warmup_steps} steps")
     windows: dict[str, list[float]] = {name: [] for name in names}
     for repeat in range(config.repeats):
-        order = names if repeat % 2 == 0 else names[::-1]
-        for name in order:
-            windows[name].append(contenders[name].pacer.advance(config.steps))
+        for name in names:
+            windows[name].append(0.0)
+        for step in range(config.steps):
+            shift = (repeat * config.steps + step) % len(names)
+            for name in names[shift:] + names[:shift]:  # one step each, the order rotating every round
+                windows[name][-1] += contenders[name].pacer.advance(1)
         cells = ", ".join(f"{n} {config.steps * config.batch_size / windows[n][-1]:.1f}" for n in names)
         log(f"  repeat {repeat + 1}/{config.repeats} (samples/s): {cells}")
     for contender in contenders.values():
@@ -795,8 +814,21 @@ def ratios(results: dict[str, dict[str, Any]], repeats: int) -> list[dict[str, A
 
 # ---- memory: a fresh process per contender ----------------------------------------------------------------
 def max_rss_mb() -> float:
-    """Peak resident set size of this process so far (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process's address space so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux
+    carries the parent's peak into a child across fork/vfork + exec, so a probe started from the
+    benchmark (several GB) would report the benchmark's peak. Elsewhere: ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def memory_probe(config: BenchConfig, name: str) -> dict[str, float]:
@@ -832,8 +864,25 @@ def measure_memory(config: BenchConfig, names: list[str], log: Callable[[str], N
 
 
 # ---- profiling ---------------------------------------------------------------------------------------------
+PROFILE_GROUPS = ("kd_lightning", "lightning", "textbrewer", "torchdistill", "transformers", "torch", "benchmarks")
+
+
+def profile_groups(stats: pstats.Stats) -> dict[str, float]:
+    """Seconds of own time (``tottime``) per package; ``C functions`` are builtins (torch's ops mostly)."""
+    groups: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if filename == "~":
+            group = "C functions"
+        else:
+            parts = Path(filename).parts
+            group = next((g for g in PROFILE_GROUPS if g in parts), "other Python")
+        groups[group] = groups.get(group, 0.0) + tottime
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def profile_contender(config: BenchConfig, name: str, top: int = 25) -> str:
-    """cProfile of ``config.steps`` steps of one contender after its warm-up (profiling its thread only)."""
+    """cProfile of ``config.steps`` steps of one contender after its warm-up (its thread only): own
+    time per package per step, then the functions with the most own time."""
     quiet_libraries()
     torch.set_num_threads(config.threads)
     contender = CONTENDERS[name](config)
@@ -846,8 +895,13 @@ def profile_contender(config: BenchConfig, name: str, top: int = 25) -> str:
     seconds = contender.pacer.advance(config.steps)
     contender.stop()
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(top)
-    return f"{name}: {config.steps} steps in {seconds:.2f} s ({1000 * seconds / config.steps:.1f} ms/step)\n{out.getvalue()}"
+    stats = pstats.Stats(profiler, stream=out)
+    calls = sum(ncalls for (_, ncalls, _, _, _) in stats.stats.values())  # type: ignore[attr-defined]
+    lines = [f"{name}: {config.steps} steps in {seconds:.2f} s ({1000 * seconds / config.steps:.1f} ms/step), "
+             f"{calls / config.steps:.0f} Python/C calls per step", "own time per step (ms) by package:"]
+    lines += [f"  {group:14} {1000 * t / config.steps:9.2f}" for group, t in profile_groups(stats).items()]
+    stats.sort_stats("tottime").print_stats(top)
+    return "\n".join(lines) + "\n" + out.getvalue()
 
 
 # ---- environment and report ----------------------------------------------------------------------------------
@@ -901,7 +955,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Objective: {config['ce_weight']} CE + {config['kd_weight']} T^2 KL, T = {config['temperature']}; "
         f"AdamW lr {config['lr']}, weight decay {config['weight_decay']}, constant LambdaLR  ",
         f"Timing: {config['warmup_steps']} warm-up steps, then {config['repeats']} repeats x {config['steps']} steps "
-        "per contender, contenders alternating (forward, then reverse order); median over repeats",
+        "per contender, contenders alternating step by step (round robin, order rotating every round); "
+        "median over repeats",
         "",
         "| | contender | samples/s (median) | min - max | ms/step | peak RSS MB | loss first -> last window | what is timed |",
         "|---|---|---|---|---|---|---|---|",
@@ -924,7 +979,8 @@ def markdown(result: dict[str, Any]) -> str:
         base = memory.get("baseline", {})
         lines += [
             "",
-            "Memory: peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) of a fresh process per contender that "
+            "Memory: peak RSS (`VmHWM` of /proc/self/status, the address space's high-water mark; `ru_maxrss` would "
+            "report the parent benchmark's peak, which Linux carries into the child) of a fresh process per contender that "
             f"builds it, runs its set-up and {config['memory_steps']} training steps. Baseline (imports of torch, "
             f"transformers, lightning, kd_lightning + data): {fmt(base.get('peak_rss_mb'), 0)} MB.",
             "",
@@ -970,9 +1026,10 @@ NOTES = [
     "box.post_forward_process per batch) over the shared loader, not its own DataLoader builder. Its "
     "optimiser has one parameter group (weight decay on every parameter), the others two (no decay on "
     "biases and norms): the same AdamW kernels.",
-    "torchvision 0.28.0 from PyPI is a CUDA build; with the CPU torch its C++ ops do not load and "
-    "`import torchvision` fails: the script declares the torchvision::nms/qnms schemas first so that "
-    "torchdistill imports (no torchvision op is used).",
+    "torchvision 0.28.0 from PyPI is a CUDA build (0.28.0+cu130); with the CPU torch its C++ ops do not "
+    "load and `import torchvision` fails (and with it `from transformers import BertModel`): the script "
+    "declares the torchvision::nms/qnms schemas before anything imports torchvision, so that torchdistill "
+    "imports (no torchvision op is used).",
 ]
 
 
@@ -989,7 +1046,7 @@ def benchmark(config: BenchConfig, command: str, memory: bool = True, log: Calla
     """The whole benchmark: timing, memory probes and the environment, as one result."""
     config.teacher, teacher_source = resolve_teacher(config.teacher)
     started = time.perf_counter()
-    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    date = datetime.now(UTC).isoformat(timespec="seconds")
     result = {"command": command, "date": date, "teacher_source": teacher_source, "environment": environment()}
     result.update(run_benchmark(config, log))
     result["memory"] = measure_memory(config, config.contenders, log) if memory and config.memory_steps > 0 else {}

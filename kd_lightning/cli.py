@@ -15,8 +15,10 @@ from lightning.pytorch.cli import LightningCLI
 
 
 def trainer_defaults() -> dict[str, Any]:
-    """TensorBoard under ``runs/``, rich progress bar and summary, LR logging, best-``val/acc`` checkpoints."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichModelSummary, RichProgressBar
+    """TensorBoard under ``runs/``, rich progress bar and model summary, LR logging, run summary."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary, RichProgressBar
+
+    from kd_lightning.callbacks import RunSummary
 
     return {
         "logger": {
@@ -27,14 +29,29 @@ def trainer_defaults() -> dict[str, Any]:
             RichProgressBar(),
             RichModelSummary(max_depth=1),
             LearningRateMonitor(logging_interval="step"),
-            ModelCheckpoint(monitor="val/acc", mode="max", save_last=True, filename="best-{step}"),
+            RunSummary(),
         ],
     }
 
 
 class KDLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults: TensorBoard under ``runs/``, rich progress and
-    model summary, learning-rate logging and a checkpoint on the best ``val/acc``."""
+    model summary, learning-rate logging, a run summary, and — unless the config lists its own
+    ``ModelCheckpoint`` — a checkpoint on the data module's validation metric (``monitor``,
+    ``monitor_mode``: ``val/acc`` for classification, Matthews correlation for CoLA, ...)."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        configured = list(kwargs.get("callbacks", trainer_config.get("callbacks") or []))
+        wants_checkpoints = trainer_config.get("enable_checkpointing", True) is not False
+        if wants_checkpoints and not any(isinstance(c, ModelCheckpoint) for c in configured):
+            monitor = getattr(self.datamodule, "monitor", None) or "val/acc"
+            mode = getattr(self.datamodule, "monitor_mode", None) or "max"
+            name = "best-{step}"
+            kwargs["callbacks"] = [*configured, ModelCheckpoint(monitor=monitor, mode=mode, save_last=True, filename=name)]
+        return super().instantiate_trainer(**kwargs)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", trainer_defaults())

@@ -93,6 +93,14 @@ def test_fine_tune_then_distil_through_the_cli(tiny_bert, tiny_csv, run_in_tmp):
     assert "val/teacher/acc" in logged and "val/acc" in logged
     assert glob.glob(f"{run_dir}/checkpoints/*.ckpt")
     assert (Path(run_dir) / "config.yaml").is_file() and (Path(run_dir) / "data_splits.json").is_file()
+    import json
+
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["exported_student"] == "student_export"
+    assert summary["compression"] == pytest.approx(summary["teacher_parameters"] / summary["student_parameters"])
+    assert summary["compression"] > 1 and summary["train_samples_per_second"] > 0
+    assert summary["student_metrics"]["val/acc"] == pytest.approx(logged["val/acc"][-1])
+    assert summary["teacher_metrics"]["val/teacher/acc"] == pytest.approx(logged["val/teacher/acc"][0])
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -126,3 +134,21 @@ def test_quickstart_configs_print(config):
     printed = yaml.safe_load(out)
     assert printed["data"]["init_args"]["dataset"] == "packaged/rotten_tomatoes"
     assert printed["trainer"]["max_epochs"] == 1
+
+
+def test_default_checkpoint_follows_the_data_modules_metric(tiny_bert, tiny_csv, run_in_tmp):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from kd_lightning.cli import KDLightningCLI
+
+    model = {"class_path": "kd_lightning.FineTuneModule", "init_args": {"model": str(tiny_bert), "num_labels": 2}}
+    data = {"class_path": "kd_lightning.data.TextClassificationDataModule", "init_args": {"data_files": tiny_csv}}
+    config = write_config(run_in_tmp / "c.yaml", model, data, {"max_steps": 1})
+    cli = KDLightningCLI(args=["--config", str(config)], run=False)
+    checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert [(c.monitor, c.mode) for c in checkpoints] == [(cli.datamodule.monitor, "max")]
+
+    own = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/f1", "mode": "max"}}
+    config = write_config(run_in_tmp / "d.yaml", model, data, {"max_steps": 1, "callbacks": [own]})
+    cli = KDLightningCLI(args=["--config", str(config)], run=False)
+    assert [c.monitor for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)] == ["val/f1"]

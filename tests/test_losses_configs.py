@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def test_every_loss_class_has_a_config_and_the_geometry_recipes_exist():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses_and_its_parts_fit_together(config, monkeypatch):
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["kd_lightning"])  # the CLI warns when pytest's own arguments are there too
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
@@ -61,3 +63,5 @@ def test_config_parses_and_its_parts_fit_together(config, monkeypatch):
         callback = instantiate(entry)
         for student_tap, teacher_tap in getattr(callback, "pairs", {}).values():
             assert taps[student_tap].module == "student" and taps[teacher_tap].module == "teacher"
+        if hasattr(callback, "loss_name"):  # schedules and class means name a loss of this config
+            assert callback.loss_name in {loss.name for loss in losses}

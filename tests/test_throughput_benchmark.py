@@ -28,11 +28,11 @@ def throughput() -> ModuleType:
     return module
 
 
-def test_every_contender_trains_and_the_report_is_written(throughput, tiny_bert, tiny_csv, tmp_path):
-    config = throughput.BenchConfig(
-        teacher=str(tiny_bert),
+def tiny_config(throughput: ModuleType, teacher: Path, files: dict[str, str], root: Path, contenders: list[str]):
+    return throughput.BenchConfig(
+        teacher=str(teacher),
         dataset=None,
-        data_files=tiny_csv,
+        data_files=files,
         max_length=16,
         batch_size=8,
         student_layers=[1],
@@ -40,20 +40,41 @@ def test_every_contender_trains_and_the_report_is_written(throughput, tiny_bert,
         steps=2,
         repeats=1,
         memory_steps=0,
-        cache_root=str(tmp_path / "cache"),
+        cache_root=str(root / "cache"),
+        contenders=contenders,
     )
-    result = throughput.benchmark(config, command="pytest", memory=False, log=lambda line: None)
 
-    assert list(result["contenders"]) == list(throughput.CONTENDERS)
+
+def assert_trained(result: dict) -> None:
     for name, row in result["contenders"].items():
         total = row["changed_parameter_tensors"].split("/")[1]
         assert row["changed_parameter_tensors"] == f"{total}/{total}", name
         assert len(row["samples_per_s"]) == 1 and row["samples_per_s"][0] > 0
-    assert result["contenders"]["lightning_live"]["optimizer_steps"] == 2
     assert result["objective_check"]["gradients_equal"]
-    assert {r["pair"] for r in result["ratios"]} == {"a/b", "c/d", "a/e", "a/f", "c/e", "c/f"}
+
+
+def test_every_contender_trains_and_the_report_is_written(throughput, tiny_bert, tiny_csv, tmp_path):
+    names = [n for n in throughput.CONTENDERS if n != "torchdistill_live"]  # see the next test
+    config = tiny_config(throughput, tiny_bert, tiny_csv, tmp_path, names)
+    result = throughput.benchmark(config, command="pytest", memory=False, log=lambda line: None)
+
+    assert list(result["contenders"]) == names
+    assert_trained(result)
+    assert result["contenders"]["lightning_live"]["optimizer_steps"] == 2
+    assert {r["pair"] for r in result["ratios"]} == {"a/b", "c/d", "a/e", "c/e"}
     assert list((tmp_path / "cache").iterdir()), "the cached contender built its teacher cache"
 
     md, js = throughput.write_report(result, tmp_path / "results")
     assert "| a | `lightning_live` |" in md.read_text()
     assert json.loads(js.read_text())["config"]["steps"] == 2
+
+
+def test_torchdistill_contender_trains(throughput, tiny_bert, tiny_csv, tmp_path):
+    try:
+        throughput.import_torchdistill()
+    except ImportError as err:
+        pytest.skip(str(err))
+    config = tiny_config(throughput, tiny_bert, tiny_csv, tmp_path, ["lightning_live", "torchdistill_live"])
+    result = throughput.benchmark(config, command="pytest", memory=False, log=lambda line: None)
+    assert_trained(result)
+    assert [r["pair"] for r in result["ratios"]] == ["a/f"]
