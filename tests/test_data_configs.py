@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from kd_lightning.cli import main
 from kd_lightning.data import GLUE_TASKS, SENTIMENT_SETS, GlueDataModule
