@@ -24,8 +24,9 @@ class NDLoss(ProjectedFeatureLoss):
 
     ``class_means`` (``(num_labels, d_t)``, a buffer saved with the checkpoint) must be set
     before training with :meth:`set_class_means`, from the teacher's embeddings of the training
-    set (:func:`~kd_lightning.losses.functional.mean_per_class`); a class-means callback does
-    this at fit start. A resumed run reloads them from the checkpoint.
+    set (:func:`~kd_lightning.losses.functional.mean_per_class`);
+    :class:`~kd_lightning.callbacks.TeacherClassMeans` does this at fit start. A resumed run
+    reloads them from the checkpoint.
 
     Args:
         student, teacher: the tap names (the embeddings before the classifier).
@@ -56,7 +57,7 @@ class NDLoss(ProjectedFeatureLoss):
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
         if not bool(self.has_class_means):
             raise RuntimeError(
-                f"loss {self.name!r}: the teacher's class means are not set. Add the class-means callback, "
+                f"loss {self.name!r}: the teacher's class means are not set. Add the TeacherClassMeans callback "
                 "or call set_class_means(mean_per_class(teacher_embeddings, labels, num_labels)) before training."
             )
         s, t = self.feature_pair(student, teacher)
