@@ -188,6 +188,13 @@ class DistillModule(StudentModule):
             mask = batch.get("attention_mask")
             return ModelOutputs(logits=logits, features=self.teacher_taps.collect(mask), attention_mask=mask)
 
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> ModelOutputs:
+        """Student metrics; returns the student's outputs with their taps, so callbacks
+        (alignment metrics) need not run the student again."""
+        student = self.student_outputs(batch)
+        self._evaluate(batch, self.val_metrics, "val", logits=self.class_logits(student.logits))
+        return student
+
     def loss_terms(
         self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]
     ) -> dict[str, Tensor]:

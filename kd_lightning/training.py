@@ -141,13 +141,17 @@ class StudentModule(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    def student_logits(self, batch: Mapping[str, Any]) -> Tensor:
-        """The student's task logits (class level) for evaluation and prediction; methods with
-        other heads (LELP's sub-classes) map their outputs to classes here."""
-        return self.student(**model_inputs(batch)).logits
+    def class_logits(self, logits: Tensor) -> Tensor:
+        """The task logits (class level) of the student's raw outputs; methods with other heads
+        (LELP's sub-classes) map their outputs to classes here."""
+        return logits
 
-    def _evaluate(self, batch: Mapping[str, Any], metrics: nn.Module, stage: str) -> Tensor:
-        logits = self.student_logits(batch)
+    def student_logits(self, batch: Mapping[str, Any]) -> Tensor:
+        """The student's task logits for evaluation and prediction."""
+        return self.class_logits(self.student(**model_inputs(batch)).logits)
+
+    def _evaluate(self, batch: Mapping[str, Any], metrics: nn.Module, stage: str, logits: Tensor | None = None) -> Tensor:
+        logits = self.student_logits(batch) if logits is None else logits
         loss = self.supervised_loss(logits, batch["labels"])
         metrics.update(self.predictions(logits), batch["labels"])
         self.log(f"{stage}/loss", loss, prog_bar=False, batch_size=batch["labels"].shape[0], sync_dist=True)

@@ -46,7 +46,7 @@ from kd_lightning.module import DistillModule
 from kd_lightning.outputs import ModelOutputs
 from kd_lightning.taps import TapSpec
 from kd_lightning.teacher_cache import TeacherCacheConfig
-from kd_lightning.training import OptimConfig, model_inputs
+from kd_lightning.training import OptimConfig
 
 EMBEDDING_TAP = "lelp_teacher_embedding"
 
@@ -187,8 +187,8 @@ class LELPModule(DistillModule):
     def lelp_loss(self) -> LELPLoss:
         return self.losses[0]
 
-    def student_logits(self, batch: Mapping[str, Any]) -> Tensor:
-        return class_logits_from_subclasses(self.student(**model_inputs(batch)).logits, self.num_labels)
+    def class_logits(self, logits: Tensor) -> Tensor:
+        return class_logits_from_subclasses(logits, self.num_labels)
 
     def on_fit_start(self) -> None:
         if not bool(self.lelp_loss.has_subspaces):
