@@ -224,21 +224,25 @@ class DistillModule(StudentModule):
             return
         metrics = self.teacher_val_metrics
         metrics.reset()
-        with torch.no_grad():
-            for batch in datamodule.val_dataloader():
-                batch = self.transfer_batch_to_device(batch, self.device, 0)
-                logits = self.teacher(**model_inputs(batch)).logits
-                metrics.update(self.predictions(logits), batch["labels"])
+        for batch in datamodule.val_dataloader():
+            self.update_teacher_metrics(self.transfer_batch_to_device(batch, self.device, 0), metrics)
         self.teacher_metrics = {k: float(v) for k, v in metrics.compute().items()}
         metrics.reset()
         for logger in self.loggers:
             logger.log_metrics(self.teacher_metrics, step=self.global_step)
 
+    @torch.no_grad()
+    def update_teacher_metrics(self, batch: Mapping[str, Any], metrics: nn.Module) -> None:
+        """Score the teacher (in eval mode) on ``batch`` into ``metrics``."""
+        was_training = self.teacher.training
+        self.teacher.eval()
+        logits = self.teacher(**model_inputs(batch)).logits
+        self.teacher.train(was_training)
+        metrics.update(self.predictions(logits), batch["labels"])
+
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         super().test_step(batch, batch_idx)
-        with torch.no_grad():
-            logits = self.teacher(**model_inputs(batch)).logits
-        self.teacher_test_metrics.update(self.predictions(logits), batch["labels"])
+        self.update_teacher_metrics(batch, self.teacher_test_metrics)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

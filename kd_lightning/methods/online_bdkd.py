@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,7 +31,7 @@ from kd_lightning.models import StudentSpec, TeacherSpec
 from kd_lightning.module import DistillModule
 from kd_lightning.outputs import ModelOutputs
 from kd_lightning.taps import TapSpec
-from kd_lightning.training import OptimConfig, decay_groups, model_inputs
+from kd_lightning.training import OptimConfig, decay_groups
 
 
 def detached(outputs: ModelOutputs) -> ModelOutputs:
@@ -106,11 +105,10 @@ class OnlineBDKDModule(DistillModule):
         self.log("train/loss", student_total.detach(), prog_bar=True, batch_size=batch_size)
         return student_total + teacher_total
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        with torch.no_grad():
-            logits = self.teacher(**model_inputs(batch)).logits
-        self.teacher_val_metrics.update(self.predictions(logits), batch["labels"])
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> ModelOutputs:
+        student = super().validation_step(batch, batch_idx)
+        self.update_teacher_metrics(batch, self.teacher_val_metrics)
+        return student
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
