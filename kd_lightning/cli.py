@@ -19,6 +19,7 @@ def trainer_defaults() -> dict[str, Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary, RichProgressBar
 
     from kd_lightning.callbacks import RunSummary
+    from kd_lightning.checkpointing import ResumableRNG
 
     return {
         "logger": {
@@ -30,6 +31,7 @@ def trainer_defaults() -> dict[str, Any]:
             RichModelSummary(max_depth=1),
             LearningRateMonitor(logging_interval="step"),
             RunSummary(),
+            ResumableRNG(),
         ],
     }
 
@@ -43,6 +45,8 @@ class KDLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        from kd_lightning.checkpointing import last_checkpoint, with_atomic_checkpoint_io
+
         trainer_config = self._get(self.config_init, "trainer", default={})
         configured = list(kwargs.get("callbacks", trainer_config.get("callbacks") or []))
         wants_checkpoints = trainer_config.get("enable_checkpointing", True) is not False
@@ -50,8 +54,16 @@ class KDLightningCLI(LightningCLI):
             monitor = getattr(self.datamodule, "monitor", None) or "val/acc"
             mode = getattr(self.datamodule, "monitor_mode", None) or "max"
             name = "best-{step}"
-            kwargs["callbacks"] = [*configured, ModelCheckpoint(monitor=monitor, mode=mode, save_last=True, filename=name)]
+            best = ModelCheckpoint(monitor=monitor, mode=mode, filename=name)
+            kwargs["callbacks"] = [*configured, best, last_checkpoint()]
+        kwargs["plugins"] = with_atomic_checkpoint_io(kwargs.get("plugins", trainer_config.get("plugins")))
         return super().instantiate_trainer(**kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` resumes the newest run of the configured logger, in that run's folder."""
+        from kd_lightning.checkpointing import resolve_last_checkpoint
+
+        resolve_last_checkpoint(self.config[self.subcommand] if self.subcommand else self.config)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", trainer_defaults())

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,10 @@ from kd_lightning.taps import FeatureTaps, TapSpec
 from kd_lightning.teacher_cache import TeacherCache, TeacherCacheConfig, cache_key, check_cacheable
 from kd_lightning.teacher_pass import training_split
 from kd_lightning.training import OptimConfig, StudentModule, default_task_metrics, model_inputs
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term (or the weighted total) was NaN or infinite in a training step."""
 
 
 class DistillModule(StudentModule):
@@ -41,6 +46,10 @@ class DistillModule(StudentModule):
         teacher_cache: read the teacher's outputs on the training split from an on-disk cache
             (built on first use) instead of running the teacher each step; validation and
             test still run the live teacher.
+        nonfinite: what a NaN or infinite loss term does: ``raise`` stops the run with
+            :class:`NonFiniteLossError` naming the term, the global step and the batch's
+            example indices; ``skip`` drops that step (no optimiser update), warns, and counts
+            it in ``train/skipped_nonfinite``. Under DDP every process takes the same decision.
     """
 
     task_metric_collections = (*StudentModule.task_metric_collections, "teacher_val_metrics", "teacher_test_metrics")
@@ -54,8 +63,11 @@ class DistillModule(StudentModule):
         optim: OptimConfig | None = None,
         save_teacher: bool = False,
         teacher_cache: TeacherCacheConfig | None = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__(optim)
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters(ignore=["losses"])
         if not losses:
             raise ValueError("DistillModule needs at least one loss, e.g. kd_lightning.losses.KLDivergence")
@@ -91,6 +103,9 @@ class DistillModule(StudentModule):
         self.teacher_val_metrics = default_task_metrics(self.num_labels).clone(prefix="val/teacher/")
         self.teacher_test_metrics = default_task_metrics(self.num_labels).clone(prefix="test/teacher/")
         self.teacher_metrics: dict[str, float] = {}
+        self.nonfinite = nonfinite
+        self.skipped_nonfinite = 0
+        self._drop_gradients = False
 
     @property
     def teacher(self) -> nn.Module:
@@ -204,17 +219,71 @@ class DistillModule(StudentModule):
         with autocast_off:
             return {loss.name: loss(student, teacher, batch) for loss in self.losses}
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         teacher = self.teacher_outputs(batch) if self.needs_teacher else None
         student = self.student_outputs(batch)
         terms = self.loss_terms(student, teacher, batch)
         total = sum(loss.weight * terms[loss.name] for loss in self.losses)
         batch_size = student.logits.shape[0]
+        nonfinite = self._nonfinite_terms(terms, total)
+        if nonfinite:
+            return self._nonfinite_step(nonfinite, {**terms, "total": total}, batch, batch_size)
         for loss in self.losses:
             self.log(f"train/loss/{loss.name}", terms[loss.name].detach(), batch_size=batch_size)
             self.log(f"train/weight/{loss.name}", loss.weight, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        if self.nonfinite == "skip":
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch_size)
         return total
+
+    # ---- non-finite losses -----------------------------------------------------------------------
+    def _nonfinite_terms(self, terms: Mapping[str, Tensor], total: Tensor) -> list[str]:
+        """The names of the terms that are NaN or infinite on any process (``total`` when only
+        the weighted sum is, e.g. an infinite weight). One host sync per step; under DDP one
+        all-reduce of a flag per term, so that every process skips or stops together."""
+        names = [*terms, "total"]
+        flags = torch.stack([~torch.isfinite(value.detach()).all() for value in (*terms.values(), total)]).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="sum")
+        bad = [name for name, flag in zip(names, flags.tolist(), strict=True) if flag > 0]
+        return [name for name in bad if name != "total"] or bad
+
+    def _nonfinite_step(
+        self, names: list[str], values: Mapping[str, Tensor], batch: Mapping[str, Any], batch_size: int
+    ) -> Tensor | None:
+        """Raise, or skip the optimiser step: ``None`` on one process (Lightning then skips
+        backward and the update); under DDP, which needs a backward on every process, a zero
+        loss over the trainable parameters whose gradients :meth:`on_before_optimizer_step`
+        then drops (with gradient accumulation the whole accumulated step is dropped)."""
+        shown = ", ".join(f"{name}={float(values[name].detach().float().mean())}" for name in names)
+        index = batch.get("index")
+        examples = index.tolist() if isinstance(index, Tensor) else "unknown (the batch has no 'index' field)"
+        where = f" (process {self.global_rank})" if self._trainer is not None and self.trainer.world_size > 1 else ""
+        message = (
+            f"non-finite loss term(s) {names} at global step {self.global_step}{where}: {shown}; "
+            f"batch examples (batch['index']): {examples}"
+        )
+        if self.nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"{message}. Set model.init_args.nonfinite: skip to skip such steps, or look at these examples, "
+                "the learning rate and the loss settings."
+            )
+        self.skipped_nonfinite += 1
+        warnings.warn(f"{message}; step skipped ({self.skipped_nonfinite} so far)", RuntimeWarning, stacklevel=2)
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch_size)
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        self._drop_gradients = True
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the gradients of a step skipped under DDP, so the optimiser leaves every
+        parameter (and its moments) untouched, as on one process."""
+        if self._drop_gradients:
+            self._drop_gradients = False
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
 
     # ---- teacher reference metrics -------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -251,9 +320,11 @@ class DistillModule(StudentModule):
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
         if self.save_teacher:
             checkpoint["teacher_state_dict"] = self.teacher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_nonfinite = int(checkpoint.get("skipped_nonfinite", 0))
         if "teacher_state_dict" in checkpoint:
             self.teacher.load_state_dict(checkpoint["teacher_state_dict"])

@@ -146,7 +146,8 @@ def test_default_checkpoint_follows_the_data_modules_metric(tiny_bert, tiny_csv,
     config = write_config(run_in_tmp / "c.yaml", model, data, {"max_steps": 1})
     cli = KDLightningCLI(args=["--config", str(config)], run=False)
     checkpoints = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    assert [(c.monitor, c.mode) for c in checkpoints] == [(cli.datamodule.monitor, "max")]
+    assert [(c.monitor, c.mode) for c in checkpoints] == [(cli.datamodule.monitor, "max"), (None, "min")]
+    assert checkpoints[1].filename == "last", "the second one keeps last.ckpt current for --ckpt_path last"
 
     own = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": "val/f1", "mode": "max"}}
     config = write_config(run_in_tmp / "d.yaml", model, data, {"max_steps": 1, "callbacks": [own]})

@@ -91,7 +91,7 @@ class RunSummary(pl.Callback):
         for label, key in (("logs", "log_dir"), ("best checkpoint", "best_checkpoint"), ("exported student", "exported_student")):
             if s[key]:
                 console.print(f"{label}: {s[key]}")
-        if trainer.log_dir:
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, "summary.json"), "w") as handle:
+        if s["log_dir"]:  # not trainer.log_dir: under DDP that is a collective, and this runs on rank 0 only
+            os.makedirs(s["log_dir"], exist_ok=True)
+            with open(os.path.join(s["log_dir"], "summary.json"), "w") as handle:
                 json.dump(s, handle, indent=2)

@@ -1,0 +1,59 @@
+"""bf16-mixed on CPU: the models run under autocast, every loss in float32 outside it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import csv_datamodule, distill_module, quiet_trainer
+from test_losses_classes import ALL_LOSSES, build, example
+
+from kd_lightning import DistillModule
+from kd_lightning.outputs import ModelOutputs
+
+
+def upcast(outputs: ModelOutputs) -> ModelOutputs:
+    return ModelOutputs(logits=outputs.logits.float(), features={k: v.float() for k, v in outputs.features.items()})
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_loss_terms_compute_every_loss_in_float32_under_bf16_autocast(name):
+    """Through ``DistillModule.loss_terms`` on bf16 model outputs inside autocast, each loss is
+    finite, float32, and equal to the same loss on the float32-upcast outputs outside autocast:
+    nothing in it ran in bf16."""
+    loss = build(name).float()
+    student, teacher, batch = example(batch=8, dtype=torch.bfloat16, seed=5)
+    holder = SimpleNamespace(losses=[loss])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = DistillModule.loss_terms(holder, student, teacher, batch)[loss.name]
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    torch.testing.assert_close(value, loss(upcast(student), upcast(teacher), batch))
+
+
+def test_bf16_mixed_fit_with_kd_and_a_feature_loss(tiny_bert, tiny_csv, tmp_path):
+    module = distill_module(tiny_bert)  # cross-entropy + KL divergence + projected MSE on taps
+    seen: list[tuple[torch.dtype, dict[str, torch.dtype]]] = []
+    loss_terms = module.loss_terms
+
+    def recording_loss_terms(student, teacher, batch):
+        terms = loss_terms(student, teacher, batch)
+        assert all(torch.isfinite(t) for t in terms.values()), terms
+        seen.append((student.logits.dtype, {k: t.dtype for k, t in terms.items()}))
+        return terms
+
+    module.loss_terms = recording_loss_terms
+    student_before = [p.detach().clone() for p in module.student.parameters()]
+    trainer = quiet_trainer(tmp_path, precision="bf16-mixed", max_steps=4)
+    trainer.fit(module, datamodule=csv_datamodule(tiny_csv))
+
+    assert len(seen) == 4
+    for logits_dtype, term_dtypes in seen:
+        # (the tapped layer ends in a LayerNorm, which autocast keeps in float32)
+        assert logits_dtype == torch.bfloat16, "the models ran under bf16 autocast"
+        assert set(term_dtypes.values()) == {torch.float32}, term_dtypes
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, module.student.parameters(), strict=True))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and torch.isfinite(
+        trainer.callback_metrics["val/loss"]
+    )
