@@ -1,8 +1,8 @@
 """Throughput of a distillation training step: kd_lightning against a hand-written loop, TextBrewer
 and torchdistill, with the live teacher and with the on-disk teacher cache (issue #7).
 
-    python benchmarks/throughput.py            # 5 warm-up steps, 5 repeats of 20 steps (about 15 min on 2 cores)
-    python benchmarks/throughput.py --quick    # 2 warm-up steps, 3 repeats of 5 steps, 1,024 training rows
+    python benchmarks/throughput.py            # 5 warm-up steps, 5 repeats of 20 steps (about 30 min on 2 busy cores)
+    python benchmarks/throughput.py --quick    # 2 warm-up steps, 3 repeats of 5 steps, 1,024 training rows (about 5 min)
 
 Every contender does the same work: the packaged Rotten Tomatoes training split (batch 32, length
 64, the same seeded order of full batches), the all-MiniLM-L6-v2 teacher (the fine-tuned
@@ -13,6 +13,8 @@ Every contender does the same work: the packaged Rotten Tomatoes training split 
     a lightning_live     kd_lightning.DistillModule (live teacher), trained by lightning.Trainer
     b hand_live          a minimal hand-written PyTorch loop: teacher under no_grad, student, CE + KD,
                          backward, AdamW step, scheduler step, zero_grad
+    b' hand_live_copy    a second, identical copy of b: the A/A control, whose ratio to b shows how
+                         far two identical contenders drift apart in this run (the resolution)
     c lightning_cache    DistillModule reading the teacher's logits from its TeacherCache (built first)
     d lightning_student  kd_lightning.FineTuneModule: the same student on CE alone (no teacher, no KD)
     e textbrewer_live    textbrewer.GeneralDistiller.train(num_steps=...) with logit/loss adaptors
@@ -22,8 +24,9 @@ Every contender does the same work: the packaged Rotten Tomatoes training split 
 Method. Each contender's own training loop runs in its own thread and pauses at the same point of
 every step, right after the batch is fetched (Lightning: ``on_train_batch_start``; TextBrewer: its
 ``batch_postprocessor``; the loops: after ``next(loader)``). The main thread lets one contender at a
-time run one step, then the next, round robin, the order rotating by one every round: contenders
-alternate step by step, so a slow spell of the shared machine hits all of them alike. Each timed
+time run one step, then the next, in rounds of one step each, in a new seeded random order every
+round: contenders alternate step by step, so a slow spell of the shared machine hits all of them
+alike, and no contender always follows the same one. Each timed
 step is exactly one full iteration (fetch, forward, loss, backward, optimiser, framework
 bookkeeping), from the tick that resumes the loop to the tick that pauses it. A repeat is
 ``--steps`` rounds; a contender's samples/s in a repeat = steps x batch / the sum of its step
@@ -56,6 +59,7 @@ import math
 import os
 import platform
 import pstats
+import random
 import resource
 import statistics
 import subprocess
@@ -384,6 +388,7 @@ class Pacer:
 class Contender:
     """One way of training the student: built in the main thread, trained in its own thread."""
 
+    name = ""
     label = "?"
     description = ""
 
@@ -394,10 +399,6 @@ class Contender:
         self.thread: threading.Thread | None = None
         self.initial: dict[str, Tensor] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="kd_throughput_")
-
-    @property
-    def name(self) -> str:
-        return next(k for k, v in CONTENDERS.items() if v is type(self))
 
     def prepare(self, data: FixedOrderData) -> None:
         """Build models, optimiser and loop state (untimed)."""
@@ -410,9 +411,11 @@ class Contender:
         """The training loop; calls ``self.pacer.tick(batch)`` after fetching each batch."""
         raise NotImplementedError
 
-    def start(self) -> None:
-        """Snapshot the student, start the loop thread and wait until it reaches its first batch."""
-        self.initial = {n: p.detach().clone() for n, p in self.student().named_parameters()}
+    def start(self, snapshot: bool = True) -> None:
+        """Snapshot the student (for :meth:`check_trained`), start the loop thread and wait until
+        it reaches its first batch."""
+        if snapshot:
+            self.initial = {n: p.detach().clone() for n, p in self.student().named_parameters()}
         self.thread = threading.Thread(target=self.pacer.run, args=(self.loop, self.config.threads), name=self.name, daemon=True)
         self.thread.start()
         self.pacer.wait_paused()
@@ -509,6 +512,7 @@ class LightningContender(Contender):
 
 
 class LightningLive(LightningContender):
+    name = "lightning_live"
     label = "a"
     description = "kd_lightning DistillModule, live teacher, lightning.Trainer"
 
@@ -522,6 +526,7 @@ class LightningLive(LightningContender):
 
 
 class LightningCache(LightningContender):
+    name = "lightning_cache"
     label = "c"
     description = "kd_lightning DistillModule, teacher logits from TeacherCache, lightning.Trainer"
 
@@ -542,6 +547,7 @@ class LightningCache(LightningContender):
 
 
 class LightningStudent(LightningContender):
+    name = "lightning_student"
     label = "d"
     description = "kd_lightning FineTuneModule: the student alone on CE (no teacher, no KD), lightning.Trainer"
 
@@ -555,6 +561,7 @@ class LightningStudent(LightningContender):
 
 
 class HandLoop(Contender):
+    name = "hand_live"
     label = "b"
     description = "hand-written PyTorch loop, live teacher (no_grad), same objective, AdamW + LambdaLR"
 
@@ -582,7 +589,14 @@ class HandLoop(Contender):
             self.losses.append(loss.item())
 
 
+class HandLoopCopy(HandLoop):
+    name = "hand_live_copy"
+    label = "b'"
+    description = "a second, identical copy of b: the A/A control (its ratio to b is this run's resolution)"
+
+
 class TextBrewerLive(Contender):
+    name = "textbrewer_live"
     label = "e"
     description = "textbrewer GeneralDistiller.train, live teacher, logits + hard-label loss adaptors"
 
@@ -656,6 +670,7 @@ def import_torchdistill() -> Any:
 
 
 class TorchdistillLive(Contender):
+    name = "torchdistill_live"
     label = "f"
     description = "torchdistill DistillationBox (KDLoss on forward-hooked classifier outputs), live teacher"
 
@@ -692,15 +707,13 @@ class TorchdistillLive(Contender):
 
 
 CONTENDERS: dict[str, type[Contender]] = {
-    "lightning_live": LightningLive,
-    "hand_live": HandLoop,
-    "lightning_cache": LightningCache,
-    "lightning_student": LightningStudent,
-    "textbrewer_live": TextBrewerLive,
-    "torchdistill_live": TorchdistillLive,
+    c.name: c
+    for c in (LightningLive, HandLoop, HandLoopCopy, LightningCache, LightningStudent, TextBrewerLive, TorchdistillLive)
 }
-#: (numerator, denominator, kind, threshold): throughput ratio >= threshold, or step-cost ratio <= threshold.
+#: (numerator, denominator, kind, threshold): throughput ratio >= threshold, or step-cost ratio <= threshold;
+#: ``control`` and ``report`` rows have no target.
 TARGETS = [
+    ("hand_live_copy", "hand_live", "control", None),
     ("lightning_live", "hand_live", "throughput", 0.95),
     ("lightning_cache", "lightning_student", "step_cost", 1.15),
     ("lightning_live", "textbrewer_live", "throughput", 1.0),
@@ -744,13 +757,14 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
             contender.pacer.advance(config.warmup_steps)
             log(f"  warm-up {name}: {config.warmup_steps} steps")
     windows: dict[str, list[float]] = {name: [] for name in names}
+    step_seconds: dict[str, list[float]] = {name: [] for name in names}
+    shuffler = random.Random(config.seed)
     for repeat in range(config.repeats):
+        for _ in range(config.steps):
+            for name in shuffler.sample(names, len(names)):  # one step each, in a new random order every round
+                step_seconds[name].append(contenders[name].pacer.advance(1))
         for name in names:
-            windows[name].append(0.0)
-        for step in range(config.steps):
-            shift = (repeat * config.steps + step) % len(names)
-            for name in names[shift:] + names[:shift]:  # one step each, the order rotating every round
-                windows[name][-1] += contenders[name].pacer.advance(1)
+            windows[name].append(sum(step_seconds[name][-config.steps :]))
         cells = ", ".join(f"{n} {config.steps * config.batch_size / windows[n][-1]:.1f}" for n in names)
         log(f"  repeat {repeat + 1}/{config.repeats} (samples/s): {cells}")
     for contender in contenders.values():
@@ -766,6 +780,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
             "label": contender.label,
             "description": contender.description,
             "window_seconds": windows[name],
+            "step_seconds": step_seconds[name],
             "samples_per_s": throughput,
             "median_samples_per_s": statistics.median(throughput),
             "median_step_ms": 1000 * statistics.median(windows[name]) / config.steps,
@@ -778,7 +793,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
         "config": dataclasses.asdict(config),
         "objective_check": objectives,
         "contenders": results,
-        "ratios": ratios(results, config.repeats),
+        "ratios": ratios(results),
         "train_rows": len(data.datasets["train"]),
         "same_batches": f"all {len(names)} contenders saw the same {len(reference)} batches in the same order",
         "cache_open_or_build_s": getattr(cache, "cache_open_s", None),
@@ -786,15 +801,24 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     }
 
 
-def ratios(results: dict[str, dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
-    """Per-repeat ratios of the target pairs, their median, and whether each target is met."""
+def ratios(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The target pairs' ratios: per repeat and their median (what the targets are judged on), the
+    ratio of all timed steps pooled, and the median of the per-round ratios (the two contenders'
+    steps of the same round); whether each target is met."""
     rows = []
     for num, den, kind, threshold in TARGETS:
         if num not in results or den not in results:
             continue
-        per_repeat = [a / b for a, b in zip(results[num]["samples_per_s"], results[den]["samples_per_s"], strict=True)]
+        fields = {"per_repeat": "window_seconds", "per_round": "step_seconds"}
+        values = {  # throughput ratio num/den = time of den / time of num
+            key: [b / a for a, b in zip(results[num][field], results[den][field], strict=True)]
+            for key, field in fields.items()
+        }
+        pooled = sum(results[den]["window_seconds"]) / sum(results[num]["window_seconds"])
         if kind == "step_cost":
-            per_repeat = [1 / r for r in per_repeat]
+            values = {key: [1 / v for v in vs] for key, vs in values.items()}
+            pooled = 1 / pooled
+        per_repeat = values["per_repeat"]
         median = statistics.median(per_repeat)
         met = None if threshold is None else (median >= threshold if kind == "throughput" else median <= threshold)
         rows.append(
@@ -805,6 +829,8 @@ def ratios(results: dict[str, dict[str, Any]], repeats: int) -> list[dict[str, A
                 "kind": kind,
                 "per_repeat": per_repeat,
                 "median": median,
+                "pooled": pooled,
+                "median_per_round": statistics.median(values["per_round"]),
                 "threshold": threshold,
                 "met": met,
             }
@@ -841,7 +867,7 @@ def memory_probe(config: BenchConfig, name: str) -> dict[str, float]:
         return {"after_imports_mb": after_imports, "peak_rss_mb": max_rss_mb()}
     contender = CONTENDERS[name](config)
     contender.prepare(data)
-    contender.start()
+    contender.start(snapshot=False)
     after_setup = max_rss_mb()
     contender.pacer.advance(config.memory_steps)
     contender.stop()
@@ -955,7 +981,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Objective: {config['ce_weight']} CE + {config['kd_weight']} T^2 KL, T = {config['temperature']}; "
         f"AdamW lr {config['lr']}, weight decay {config['weight_decay']}, constant LambdaLR  ",
         f"Timing: {config['warmup_steps']} warm-up steps, then {config['repeats']} repeats x {config['steps']} steps "
-        "per contender, contenders alternating step by step (round robin, order rotating every round); "
+        "per contender, contenders alternating step by step (rounds of one step each, random order per round); "
         "median over repeats",
         "",
         "| | contender | samples/s (median) | min - max | ms/step | peak RSS MB | loss first -> last window | what is timed |",
@@ -968,13 +994,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"{max(row['samples_per_s']):.1f} | {row['median_step_ms']:.0f} | {fmt(peak, 0)} | "
             f"{row['loss_first_steps_mean']:.3f} -> {row['loss_last_steps_mean']:.3f} | {row['description']} |"
         )
-    lines += ["", "| ratio | meaning | per repeat | median | target | met |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| ratio | meaning | per repeat | median (judged) | all steps pooled | median per round | target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["ratios"]:
-        meaning = "step-cost ratio (time per step)" if r["kind"] == "step_cost" else "throughput ratio"
+        meaning = {
+            "step_cost": "step-cost ratio (time per step)",
+            "control": "A/A control: identical work, throughput ratio",
+        }.get(r["kind"], "throughput ratio")
         target = "-" if r["threshold"] is None else (f"<= {r['threshold']}" if r["kind"] == "step_cost" else f">= {r['threshold']}")
         met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
         per_repeat = ", ".join(f"{v:.3f}" for v in r["per_repeat"])
-        lines.append(f"| {r['pair']} | {meaning} | {per_repeat} | {r['median']:.3f} | {target} | {met} |")
+        lines.append(
+            f"| {r['pair']} | {meaning} | {per_repeat} | {r['median']:.3f} | {r['pooled']:.3f} | "
+            f"{r['median_per_round']:.3f} | {target} | {met} |"
+        )
     if memory:
         base = memory.get("baseline", {})
         lines += [
@@ -1063,7 +1099,7 @@ def table(result: dict[str, Any]) -> str:
         rows.append(f"{row['label']:2}{name:20}{row['median_samples_per_s']:11.1f}{row['median_step_ms']:9.0f}{fmt(peak, 0):>13}")
     for r in result["ratios"]:
         met = "" if r["met"] is None else ("  target met" if r["met"] else "  TARGET MISSED")
-        kind = "step cost" if r["kind"] == "step_cost" else "throughput"
+        kind = {"step_cost": "step cost", "control": "A/A"}.get(r["kind"], "throughput")
         rows.append(f"{r['pair']:>5} {kind:10} median {r['median']:.3f}{met}")
     return "\n".join(rows)
 
@@ -1120,7 +1156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         config.teacher = resolve_teacher(config.teacher)[0]
         print(profile_contender(config, args.profile))
         return None
-    command = "python benchmarks/throughput.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    prefix = f"PYTHONPATH={os.environ['PYTHONPATH']} " if os.environ.get("PYTHONPATH") else ""
+    command = prefix + "python benchmarks/throughput.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     result = benchmark(config, command)
     md, js = write_report(result, args.out_dir)
     print(table(result))
