@@ -114,7 +114,7 @@ from transformers import DataCollatorWithPadding, PreTrainedModel  # noqa: E402
 
 from kd_lightning import DistillModule, FineTuneModule, StudentSpec, TeacherSpec  # noqa: E402
 from kd_lightning.data import TextClassificationDataModule  # noqa: E402
-from kd_lightning.losses import CrossEntropy, KLDivergence  # noqa: E402
+from kd_lightning.losses import CrossEntropy, DistillLoss, KLDivergence  # noqa: E402
 from kd_lightning.models import build_student, freeze, load_classifier  # noqa: E402
 from kd_lightning.outputs import ModelOutputs  # noqa: E402
 from kd_lightning.teacher_cache import TeacherCacheConfig  # noqa: E402
@@ -137,11 +137,11 @@ class BenchConfig:
             exists, else the packaged all-MiniLM-L6-v2 with a fresh 2-label head.
         dataset / data_files: the training data (a packaged set, or local files for tests).
         student_layers: teacher layers copied into the student.
-        warmup_steps / steps / repeats: untimed steps per contender, then ``repeats`` windows
-            of ``steps`` timed steps each.
+        warmup_steps / steps / repeats: untimed steps per contender, then ``repeats`` repeats
+            of ``steps`` rounds, each round one timed step of every contender.
         memory_steps: steps run by each memory probe (0: no memory probes).
         cache_root: folder of the teacher cache (default: the project cache).
-        contenders: which contenders run, in their order of the first repeat.
+        contenders: which contenders run (and their order in the report).
     """
 
     teacher: str | None = None
@@ -241,7 +241,8 @@ def hand_objective(student_logits: Tensor, teacher_logits: Tensor, labels: Tenso
     return config.ce_weight * F.cross_entropy(student_logits, labels) + config.kd_weight * temperature**2 * kl
 
 
-def kd_lightning_losses(config: BenchConfig) -> list:
+def kd_lightning_losses(config: BenchConfig) -> list[DistillLoss]:
+    """The objective as kd_lightning losses: ``CrossEntropy`` and ``KLDivergence``."""
     return [CrossEntropy(weight=config.ce_weight), KLDivergence(weight=config.kd_weight, temperature=config.temperature)]
 
 
@@ -1046,6 +1047,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 NOTES = [
+    "Reading the ratios: the A/A row (b'/b, two identical hand loops) shows how far identical contenders "
+    "drift apart in this run (thread, allocator and machine-load effects); ratios that differ from 1 by "
+    "less than that spread are ties. Per-step framework overhead is better read in milliseconds, e.g. "
+    "from `--profile NAME` (a cProfile of one contender's steps, own time per package).",
     "All contenders run in worker threads of one process (one at a time; the others wait on a semaphore), "
     "so none has the main thread's advantage; each thread sets torch.set_num_threads to the same value.",
     "Lightning: Trainer(max_steps, limit_val_batches=0, logger=False, enable_checkpointing=False, "
