@@ -511,6 +511,16 @@ class LightningContender(Contender):
         info["optimizer_steps"] = self.trainer.global_step
         return info
 
+    def distill_module(self, **extra: Any) -> DistillModule:
+        """The benchmark's DistillModule (teacher, layer-copied student, CE + KD), plus ``extra`` arguments."""
+        return DistillModule(
+            teacher=TeacherSpec(self.config.teacher, self.config.num_labels),
+            student=StudentSpec(from_teacher_layers=list(self.config.student_layers)),
+            losses=kd_lightning_losses(self.config),
+            optim=self.config.optim(),
+            **extra,
+        )
+
 
 class LightningLive(LightningContender):
     name = "lightning_live"
@@ -518,12 +528,7 @@ class LightningLive(LightningContender):
     description = "kd_lightning DistillModule, live teacher, lightning.Trainer"
 
     def make_module(self) -> pl.LightningModule:
-        return DistillModule(
-            teacher=TeacherSpec(self.config.teacher, self.config.num_labels),
-            student=StudentSpec(from_teacher_layers=list(self.config.student_layers)),
-            losses=kd_lightning_losses(self.config),
-            optim=self.config.optim(),
-        )
+        return self.distill_module()
 
 
 class LightningCache(LightningContender):
@@ -532,13 +537,7 @@ class LightningCache(LightningContender):
     description = "kd_lightning DistillModule, teacher logits from TeacherCache, lightning.Trainer"
 
     def make_module(self) -> pl.LightningModule:
-        return DistillModule(
-            teacher=TeacherSpec(self.config.teacher, self.config.num_labels),
-            student=StudentSpec(from_teacher_layers=list(self.config.student_layers)),
-            losses=kd_lightning_losses(self.config),
-            optim=self.config.optim(),
-            teacher_cache=TeacherCacheConfig(root=self.config.cache_root),
-        )
+        return self.distill_module(teacher_cache=TeacherCacheConfig(root=self.config.cache_root))
 
     def prepare(self, data: FixedOrderData) -> None:
         super().prepare(data)

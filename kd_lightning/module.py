@@ -306,6 +306,7 @@ class DistillModule(StudentModule):
         was_training = self.teacher.training
         self.teacher.eval()
         logits = self.teacher(**model_inputs(batch)).logits
+        self.teacher_taps.clear()  # evaluation reads no features; release what the hooks captured
         self.teacher.train(was_training)
         metrics.update(self.predictions(logits), batch["labels"])
 
