@@ -15,23 +15,34 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+def build_cli(args: list[str], **kwargs: Any) -> Any:
+    """A ``KDLightningCLI`` over ``args`` (``--config`` files and ``--key=value`` overrides), with
+    its classes instantiated and nothing run, without the config's ``ExportHF`` callbacks. The arguments travel in ``args=``: LightningCLI
+    warns when ``sys.argv`` holds more than the program name, so that is cut."""
+    from kd_lightning.callbacks import ExportHF
+    from kd_lightning.cli import KDLightningCLI
+
+    sys.argv = sys.argv[:1]
+    cli = KDLightningCLI(args=args, run=False, **kwargs)
+    # a benchmark run must not overwrite the student a config exports for its users
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, ExportHF)]
+    return cli
+
+
+def length_overrides(steps: int, val_every: int | float) -> list[str]:
+    """Overrides that train for ``steps`` optimiser steps whatever the config's epochs, validating
+    every ``val_every`` training batches (an int) or fraction of an epoch (a float)."""
+    return [f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={val_every}", "--trainer.max_epochs=-1"]
 
 
 def run(config: str, steps: int, val_every: int) -> dict:
-    from kd_lightning.cli import KDLightningCLI
-
     name = Path(config).stem
-    sys.argv = sys.argv[:1]
     start = time.perf_counter()
-    cli = KDLightningCLI(
-        args=[
-            "--config", config,
-            f"--trainer.max_steps={steps}",
-            f"--trainer.val_check_interval={val_every}",
-            "--trainer.max_epochs=-1",
-            f"--trainer.logger.init_args.name=short_runs/{name}",
-        ],
-        run=False,
+    cli = build_cli(
+        ["--config", config, *length_overrides(steps, val_every), f"--trainer.logger.init_args.name=short_runs/{name}"]
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}

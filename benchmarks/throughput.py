@@ -1,14 +1,25 @@
 """Throughput of a distillation training step: kd_lightning against a hand-written loop, TextBrewer
-and torchdistill, with the live teacher and with the on-disk teacher cache (issue #7).
+and torchdistill, with the live teacher and with the on-disk teacher cache.
 
     python benchmarks/throughput.py            # 5 warm-up steps, 5 repeats of 20 steps (about 30 min on 2 busy cores)
     python benchmarks/throughput.py --quick    # 2 warm-up steps, 3 repeats of 5 steps, 1,024 training rows (about 5 min)
+
+On a CUDA GPU (every contender's models, batches and losses on the GPU), with a teacher folder and
+the materialised split files (``train``/``validation``/``test`` ``.parquet`` or ``.csv``) instead of
+the packaged data set:
+
+    python benchmarks/throughput.py --device cuda --teacher /tmp/teacher --data-files .gpu_assets/rt
+    python benchmarks/throughput.py --device cuda --precision bf16-mixed --teacher /tmp/teacher --data-files .gpu_assets/rt
 
 Every contender does the same work: the packaged Rotten Tomatoes training split (batch 32, length
 64, the same seeded order of full batches), the all-MiniLM-L6-v2 teacher (the fine-tuned
 ``runs/quickstart/teacher`` when present), a 2-layer student copied from the teacher's layers 0 and
 5, the objective ``0.5 CE + 0.5 T^2 KL(p_t || p_s)`` with ``T = 2``, AdamW (lr 1e-4, weight decay
-0.01) with a constant LambdaLR schedule, float32, ``torch.set_num_threads(2)``.
+0.01) with a constant LambdaLR schedule, float32, ``torch.set_num_threads(2)``, on the CPU.
+``--device cuda`` and ``--precision bf16-mixed`` change this for every contender alike; a setting a
+contender cannot honour is refused, never measured as something else. Without ``--contenders``, a
+contender whose library does not import (TextBrewer, torchdistill) is skipped and the report says so;
+named explicitly, it is an error.
 
     a lightning_live     kd_lightning.DistillModule (live teacher), trained by lightning.Trainer
     b hand_live          a minimal hand-written PyTorch loop: teacher under no_grad, student, CE + KD,
@@ -31,7 +42,17 @@ step is exactly one full iteration (fetch, forward, loss, backward, optimiser, f
 bookkeeping), from the tick that resumes the loop to the tick that pauses it. A repeat is
 ``--steps`` rounds; a contender's samples/s in a repeat = steps x batch / the sum of its step
 times. Set-up (model loading, ``Trainer.fit`` set-up, the cache build) and the warm-up steps are
-outside the timing. Ratios are taken per repeat, and the median over repeats is reported.
+outside the timing. Ratios are taken per repeat, and the median over repeats is reported. On CUDA
+the pause point calls ``torch.cuda.synchronize()`` before reading the clock, both when a step ends
+and when the next one starts, so each step's time includes its kernels.
+
+Devices and precision. Lightning: ``Trainer(accelerator="gpu" | "cpu", precision="32-true" |
+"bf16-mixed")``. The hand loops and torchdistill: models ``.to(device)``, batches copied with
+``non_blocking=True`` (the shared loader pins its batches on CUDA), the forward passes under
+``torch.autocast(device, dtype=torch.bfloat16)`` for bf16-mixed and the loss on float32 logits, as
+kd_lightning's losses. TextBrewer: ``TrainingConfig(device=...)`` copies the batches; its
+``train_on_batch`` (forwards and losses) runs under the same autocast, since its own mixed precision
+is apex float16 only. Backward and optimiser steps run outside autocast everywhere.
 
 Checks, asserted: all contenders see the same batches in the same order; every student parameter
 tensor changes; the Lightning runs made exactly the requested optimiser steps; the objectives agree
@@ -42,7 +63,8 @@ teacher's entropy, a constant, and its ``kd_loss_weight`` is ``0.5 T^2`` since i
 Memory: peak resident set size (``VmHWM`` of ``/proc/self/status``; ``ru_maxrss`` would carry the
 parent's peak into the child on Linux) of a fresh subprocess per contender that builds it, runs its
 set-up and ``--memory-steps`` steps; ``baseline`` is a process that only imports what every probe
-imports and prepares the data.
+imports and prepares the data. On CUDA the probes also report ``torch.cuda.max_memory_allocated``
+(reset after the data are prepared), and the report's peak column is that figure.
 
 Writes ``benchmarks/results/throughput.{md,json}`` (``--out-dir``).
 """
@@ -50,6 +72,7 @@ Writes ``benchmarks/results/throughput.{md,json}`` (``--out-dir``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import dataclasses
 import io
@@ -125,6 +148,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUICKSTART_TEACHER = "runs/quickstart/teacher"
 PACKAGED_TEACHER = "all-MiniLM-L6-v2"
 MEMORY_PROBE_TAG = "MEMORY_PROBE "
+DEVICES = ("cpu", "cuda")
+#: ``--precision`` -> (Lightning's ``precision``, how the report describes it)
+PRECISIONS = {
+    "32": ("32-true", "float32"),
+    "bf16-mixed": ("bf16-mixed", "bf16-mixed (bfloat16 autocast of the forward passes; float32 weights, losses and optimiser)"),
+}
+DATA_SPLITS = ("train", "validation", "test")
+DATA_FILE_TYPES = (".parquet", ".csv")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -135,13 +166,16 @@ class BenchConfig:
     Args:
         teacher: teacher folder or packaged key; default: ``runs/quickstart/teacher`` when it
             exists, else the packaged all-MiniLM-L6-v2 with a fresh 2-label head.
-        dataset / data_files: the training data (a packaged set, or local files for tests).
+        dataset / data_files: the training data (a packaged set, or local files split -> path).
         student_layers: teacher layers copied into the student.
         warmup_steps / steps / repeats: untimed steps per contender, then ``repeats`` repeats
             of ``steps`` rounds, each round one timed step of every contender.
         memory_steps: steps run by each memory probe (0: no memory probes).
         cache_root: folder of the teacher cache (default: the project cache).
-        contenders: which contenders run (and their order in the report).
+        contenders: which contenders run (and their order in the report); ``None``: every
+            contender whose library imports (see :func:`resolve_contenders`).
+        device: ``cpu`` or ``cuda``, for every contender.
+        precision: ``32`` or ``bf16-mixed`` (bfloat16 autocast), for every contender.
     """
 
     teacher: str | None = None
@@ -164,7 +198,9 @@ class BenchConfig:
     threads: int = 2
     seed: int = 0
     cache_root: str | None = None
-    contenders: list[str] = dataclasses.field(default_factory=lambda: list(CONTENDERS))
+    contenders: list[str] | None = None
+    device: str = "cpu"
+    precision: str = "32"
 
     @property
     def timed_steps(self) -> int:
@@ -175,15 +211,83 @@ class BenchConfig:
         """kd_lightning's optimiser settings for the same AdamW and constant schedule."""
         return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=0.0, schedule="constant")
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward passes' precision outside Lightning: bfloat16 autocast on the benchmark's
+        device for ``bf16-mixed``, nothing for ``32``."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(self.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def check_config(config: BenchConfig) -> None:
+    """Refuse a device or precision that the machine cannot run for every contender."""
+    if config.device not in DEVICES:
+        raise ValueError(f"--device {config.device}: choose one of {', '.join(DEVICES)}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"--precision {config.precision}: choose one of {', '.join(PRECISIONS)}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA device; run with --device cpu")
+    if config.device == "cuda" and config.precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16-mixed: {torch.cuda.get_device_name()} has no bfloat16 support; use --precision 32")
+
 
 def resolve_teacher(teacher: str | None) -> tuple[str, str]:
-    """The teacher to load and a sentence saying which it is."""
+    """The teacher to load and a sentence saying which it is; a local folder is made absolute
+    (the memory probes run from the repository root)."""
     if teacher is None:
         quickstart = ROOT / QUICKSTART_TEACHER
         if quickstart.is_dir():
             return str(quickstart), f"fine-tuned all-MiniLM-L6-v2 from the quickstart ({QUICKSTART_TEACHER})"
         return PACKAGED_TEACHER, "packaged all-MiniLM-L6-v2 with an untrained 2-label head (no quickstart teacher found)"
-    return teacher, f"{teacher} (given with --teacher)"
+    folder = Path(teacher)
+    if not (folder / "config.json").is_file():
+        return teacher, f"{teacher} (given with --teacher)"
+    model_config = json.loads((folder / "config.json").read_text())
+    architecture = ", ".join(model_config.get("architectures") or [model_config.get("model_type", "unknown architecture")])
+    layers = model_config.get("num_hidden_layers", "?")
+    stored = model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    upcast = "" if stored == "float32" else f"; weights stored as {stored}, upcast to float32 for every contender"
+    return str(folder.resolve()), f"{teacher} (given with --teacher: {architecture}, {layers} layers{upcast})"
+
+
+def data_files_in(folder: Path) -> dict[str, str]:
+    """The split files of ``folder``: ``train``, ``validation`` and ``test``, each ``.parquet`` or
+    ``.csv`` (all three are needed: a missing split would be carved from the training rows)."""
+    if not folder.is_dir():
+        raise ValueError(f"--data-files {folder}: no such folder")
+    files, problems = {}, []
+    for split in DATA_SPLITS:
+        found = [folder / f"{split}{suffix}" for suffix in DATA_FILE_TYPES if (folder / f"{split}{suffix}").is_file()]
+        if len(found) == 1:
+            files[split] = str(found[0].resolve())
+        else:
+            problems.append(f"{'no' if not found else 'more than one'} {' / '.join(f'{split}{x}' for x in DATA_FILE_TYPES)}")
+    if problems:
+        held = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise ValueError(f"--data-files {folder}: {'; '.join(problems)} (the folder holds {held})")
+    return files
+
+
+def describe_data(config: BenchConfig) -> str:
+    """Which data the contenders train on, for the report: the packaged set, or the files (with the
+    provenance of a materialised packaged split when its ``splits.json`` lies beside them)."""
+    if config.data_files is None:
+        return str(config.dataset)
+    paths = [Path(path) for path in config.data_files.values()]
+    folders = {path.parent for path in paths}
+    if len(folders) == 1:
+        files = f"local files in {folders.pop()} ({', '.join(path.name for path in paths)})"
+    else:
+        files = "local files " + ", ".join(str(path) for path in paths)
+    record = paths[0].parent / "splits.json"
+    if not record.is_file():
+        return files
+    splits = json.loads(record.read_text())
+    return (
+        f"{files}, materialised from {splits.get('dataset')} (source sha256 "
+        f"{str(splits.get('source_sha256'))[:12]}, split seed {splits.get('seed')})"
+    )
 
 
 # ---- data: one fixed order of full batches for everyone --------------------------------------------
@@ -191,13 +295,15 @@ class FixedOrderData(TextClassificationDataModule):
     """The training split served in one seeded order of full batches, the same for every contender.
 
     The order is long enough for ``total_batches`` batches (permutations repeat when the split is
-    shorter), so no contender crosses an epoch boundary inside the benchmark.
+    shorter), so no contender crosses an epoch boundary inside the benchmark. ``pin_memory``: the
+    loader pins its batches (for non-blocking copies to a GPU).
     """
 
-    def __init__(self, total_batches: int, order_seed: int, **kwargs: Any) -> None:
+    def __init__(self, total_batches: int, order_seed: int, pin_memory: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.total_batches = total_batches
         self.order_seed = order_seed
+        self.pin_memory = pin_memory
 
     def train_dataloader(self) -> DataLoader:
         n = len(self.datasets["train"])
@@ -209,6 +315,7 @@ class FixedOrderData(TextClassificationDataModule):
             batch_size=self.batch_size,
             sampler=order[:needed].tolist(),
             collate_fn=DataCollatorWithPadding(self.tokenizer),
+            pin_memory=self.pin_memory,
         )
 
 
@@ -218,6 +325,7 @@ def make_data(config: BenchConfig) -> FixedOrderData:
     data = FixedOrderData(
         total_batches=config.timed_steps + 1,
         order_seed=config.seed,
+        pin_memory=config.device == "cuda",
         tokenizer=config.teacher,
         max_length=config.max_length,
         batch_size=config.batch_size,
@@ -323,10 +431,14 @@ class Pacer:
 
     The loop calls :meth:`tick` once per step at a fixed point (right after the batch is fetched);
     :meth:`advance` lets it run ``n`` steps and returns the seconds between the tick that resumed
-    it and the tick that paused it, i.e. exactly ``n`` full iterations.
+    it and the tick that paused it, i.e. exactly ``n`` full iterations. With ``synchronize`` (CUDA)
+    each of those two ticks waits for the GPU's queued work before reading the clock, so the
+    steps' kernels fall inside their time. The batch's identity is read while the clock is
+    stopped (on a GPU batch that is a device-to-host copy).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: bool = False) -> None:
+        self.synchronize = synchronize
         self._resume = threading.Semaphore(0)
         self._paused = threading.Semaphore(0)
         self._budget = 0
@@ -337,21 +449,30 @@ class Pacer:
         self.finished = False
         self.profiler: Any = None
 
+    def clock(self) -> float:
+        """``time.perf_counter()``, after the GPU's queued work when synchronising."""
+        if self.synchronize:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def tick(self, batch: Mapping[str, Any]) -> None:
         """Called by the training loop once per step, with the batch it fetched."""
         if self._budget == 0:
-            self._ended = time.perf_counter()
+            self._ended = self.clock()
             if self.profiler is not None:
                 self.profiler.disable()
+            identity = hash(tuple(batch["index"].tolist()))
             self._paused.release()
             self._resume.acquire()
             if self._stop:
                 raise StopRun
             if self.profiler is not None:
                 self.profiler.enable()
-            self._started = time.perf_counter()
+            self._started = self.clock()
+        else:
+            identity = hash(tuple(batch["index"].tolist()))
         self._budget -= 1
-        self.batches.append(hash(tuple(batch["index"].tolist())))
+        self.batches.append(identity)
 
     def run(self, loop: Callable[[], None], threads: int) -> None:
         """The worker thread's body: ``loop()`` until it ends or :class:`StopRun`."""
@@ -395,11 +516,16 @@ class Contender:
 
     def __init__(self, config: BenchConfig) -> None:
         self.config = config
-        self.pacer = Pacer()
+        self.pacer = Pacer(synchronize=config.device == "cuda")
         self.losses: list[float] = []
         self.thread: threading.Thread | None = None
         self.initial: dict[str, Tensor] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="kd_throughput_")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this contender cannot run here (its library does not import), or ``None``."""
+        return None
 
     def prepare(self, data: FixedOrderData) -> None:
         """Build models, optimiser and loop state (untimed)."""
@@ -415,8 +541,8 @@ class Contender:
     def start(self, snapshot: bool = True) -> None:
         """Snapshot the student (for :meth:`check_trained`), start the loop thread and wait until
         it reaches its first batch."""
-        if snapshot:
-            self.initial = {n: p.detach().clone() for n, p in self.student().named_parameters()}
+        if snapshot:  # on the CPU: a Lightning student moves to the GPU only inside fit
+            self.initial = {n: p.detach().to("cpu", copy=True) for n, p in self.student().named_parameters()}
         self.thread = threading.Thread(target=self.pacer.run, args=(self.loop, self.config.threads), name=self.name, daemon=True)
         self.thread.start()
         self.pacer.wait_paused()
@@ -432,7 +558,7 @@ class Contender:
     def check_trained(self) -> dict[str, Any]:
         """Assert that every student parameter changed and the losses are finite."""
         params = dict(self.student().named_parameters())
-        unchanged = [n for n, p in params.items() if torch.equal(p.detach(), self.initial[n])]
+        unchanged = [n for n, p in params.items() if torch.equal(p.detach().cpu(), self.initial[n])]
         assert not unchanged, f"{self.name}: parameters did not change: {unchanged[:5]}"
         assert self.losses and all(math.isfinite(v) for v in self.losses), f"{self.name}: losses {self.losses[:5]}"
         return {"changed_parameter_tensors": f"{len(params) - len(unchanged)}/{len(params)}"}
@@ -454,10 +580,18 @@ def constant_schedule(step: int) -> float:
 
 
 def teacher_and_student(config: BenchConfig) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """A frozen teacher and the student copied from its layers, as DistillModule builds them."""
-    teacher = freeze(load_classifier(config.teacher, config.num_labels))
+    """A frozen teacher and the student copied from its layers, as DistillModule builds them, on
+    the benchmark's device, in float32 (a checkpoint saved in float16 loads in float16)."""
+    teacher = freeze(load_classifier(config.teacher, config.num_labels)).float()
     student = build_student(StudentSpec(from_teacher_layers=list(config.student_layers)), teacher, config.num_labels)
-    return teacher, student.train()
+    return teacher.to(config.device), student.train().to(config.device)
+
+
+def to_device(batch: Mapping[str, Any], device: str) -> Mapping[str, Any]:
+    """The batch's tensors on ``device``, copied without blocking (the batch itself on the CPU)."""
+    if device == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 class PacedCallback(pl.Callback):
@@ -483,11 +617,12 @@ class LightningContender(Contender):
         raise NotImplementedError
 
     def prepare(self, data: FixedOrderData) -> None:
-        self.module = self.make_module()
+        self.module = self.make_module().float()  # float32 weights, as teacher_and_student's
         self.data = make_data(self.config)  # its own instance: the trainer attaches itself to it
         self.trainer = pl.Trainer(
-            accelerator="cpu",
+            accelerator="gpu" if self.config.device == "cuda" else "cpu",
             devices=1,
+            precision=PRECISIONS[self.config.precision][0],
             max_steps=self.config.timed_steps + 1,
             limit_val_batches=0,
             num_sanity_val_steps=0,
@@ -542,6 +677,7 @@ class LightningCache(LightningContender):
     def prepare(self, data: FixedOrderData) -> None:
         super().prepare(data)
         started = time.perf_counter()
+        self.module.to(self.config.device)  # a missing cache is built on the benchmark's device
         self.module.open_teacher_cache(data)  # builds the cache when missing; fit's set-up then opens it
         self.cache_open_s = time.perf_counter() - started
 
@@ -577,11 +713,13 @@ class HandLoop(Contender):
     def loop(self) -> None:
         for batch in self.loader:
             self.pacer.tick(batch)
+            batch = to_device(batch, self.config.device)
             inputs = model_inputs(batch)
-            with torch.no_grad():
-                teacher_logits = self.teacher(**inputs).logits
-            student_logits = self._student(**inputs).logits
-            loss = hand_objective(student_logits, teacher_logits, batch["labels"], self.config)
+            with self.config.autocast():
+                with torch.no_grad():
+                    teacher_logits = self.teacher(**inputs).logits
+                student_logits = self._student(**inputs).logits
+            loss = hand_objective(student_logits.float(), teacher_logits.float(), batch["labels"], self.config)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
@@ -600,20 +738,33 @@ class TextBrewerLive(Contender):
     label = "e"
     description = "textbrewer GeneralDistiller.train, live teacher, logits + hard-label loss adaptors"
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import textbrewer  # noqa: F401
+        except ImportError as err:
+            return f"textbrewer cannot be imported ({err}); install it with `pip install textbrewer`"
+        return None
+
     def prepare(self, data: FixedOrderData) -> None:
         from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 
         contender = self
 
         class RecordingDistiller(GeneralDistiller):
-            """GeneralDistiller whose per-step loss write (``.item()``, as TextBrewer's own) is kept."""
+            """GeneralDistiller whose per-step loss write (``.item()``, as TextBrewer's own) is kept,
+            and whose per-batch forwards and losses run under the benchmark's autocast."""
 
             def write_loss(self, total_loss: Tensor, writer_step: int, losses_dict: dict | None = None) -> None:
                 contender.losses.append(total_loss.item())
 
+            def train_on_batch(self, batch: Any, args: Any) -> tuple[Tensor, dict]:
+                with contender.config.autocast():
+                    return super().train_on_batch(batch, args)
+
         teacher, self._student = teacher_and_student(self.config)
         train_config = TrainingConfig(
-            device="cpu", output_dir=self.tmp.name, ckpt_steps=self.config.timed_steps + 1, log_dir=None
+            device=self.config.device, output_dir=self.tmp.name, ckpt_steps=self.config.timed_steps + 1, log_dir=None
         )
         distill_config = DistillationConfig(
             temperature=self.config.temperature,
@@ -674,6 +825,14 @@ class TorchdistillLive(Contender):
     label = "f"
     description = "torchdistill DistillationBox (KDLoss on forward-hooked classifier outputs), live teacher"
 
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import_torchdistill()
+        except ImportError as err:
+            return str(err)
+        return None
+
     def prepare(self, data: FixedOrderData) -> None:
         distillation = import_torchdistill()
         teacher, self._student = teacher_and_student(self.config)
@@ -690,7 +849,7 @@ class TorchdistillLive(Contender):
             "num_epochs": 1,
         }
         self.box = distillation.get_distillation_box(
-            teacher, self._student, {}, train_config, torch.device("cpu"), None, False, 1
+            teacher, self._student, {}, train_config, torch.device(self.config.device), None, False, 1
         )
         self.loader = data.train_dataloader()
 
@@ -701,7 +860,9 @@ class TorchdistillLive(Contender):
         self.box.pre_epoch_process(epoch=0)  # clears the hook dicts, student in train mode
         for batch in self.loader:
             self.pacer.tick(batch)
-            loss = self.box.forward_process(model_inputs(batch), batch["labels"])
+            batch = to_device(batch, self.config.device)  # the box moves the models, its example loops the batches
+            with self.config.autocast():
+                loss = self.box.forward_process(model_inputs(batch), batch["labels"])
             self.box.post_forward_process(loss)  # backward, AdamW step, zero_grad, scheduler step
             self.losses.append(loss.item())
 
@@ -729,6 +890,25 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def resolve_contenders(names: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The contenders to run and the ones skipped, with the reason.
+
+    ``None`` (no ``--contenders``): every contender whose library imports; the others are skipped.
+    A list: exactly those; an unknown name, or one whose library does not import, is an error.
+    """
+    if names is None:
+        reasons = {name: CONTENDERS[name].unavailable() for name in CONTENDERS}
+        return [n for n, why in reasons.items() if why is None], {n: why for n, why in reasons.items() if why is not None}
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
+    for name in names:
+        why = CONTENDERS[name].unavailable()
+        if why is not None:
+            raise ValueError(f"contender {name} was asked for, but {why}")
+    return list(names), {}
+
+
 def build_contenders(config: BenchConfig, data: FixedOrderData, names: list[str]) -> dict[str, Contender]:
     contenders = {}
     for name in names:
@@ -743,10 +923,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     """Time every contender in alternation; return the measurements, checks and ratios."""
     quiet_libraries()
     torch.set_num_threads(config.threads)
-    names = list(config.contenders)
-    unknown = [n for n in names if n not in CONTENDERS]
-    if unknown:
-        raise ValueError(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
+    check_config(config)
+    names, _ = resolve_contenders(config.contenders)
     load_start = os.getloadavg()
     objectives = objective_check(config, names)
     data = make_data(config)
@@ -857,21 +1035,40 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def max_cuda_mb() -> float:
+    """Peak CUDA memory allocated by tensors since the last reset (``torch.cuda.max_memory_allocated``), in MiB."""
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
 def memory_probe(config: BenchConfig, name: str) -> dict[str, float]:
-    """Peak RSS of this process after set-up and after ``memory_steps`` steps of contender ``name``."""
+    """Peak RSS of this process after set-up and after ``memory_steps`` steps of contender ``name``;
+    on CUDA also the peak CUDA memory allocated (counted from after the data are prepared)."""
     quiet_libraries()
     torch.set_num_threads(config.threads)
+    cuda = config.device == "cuda"
+
+    def peaks(rss_key: str, cuda_key: str) -> dict[str, float]:
+        return {rss_key: max_rss_mb(), **({cuda_key: max_cuda_mb()} if cuda else {})}
+
     after_imports = max_rss_mb()
     data = make_data(config)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if name == "baseline":
-        return {"after_imports_mb": after_imports, "peak_rss_mb": max_rss_mb()}
+        return {"after_imports_mb": after_imports, **peaks("peak_rss_mb", "cuda_peak_mb")}
     contender = CONTENDERS[name](config)
     contender.prepare(data)
     contender.start(snapshot=False)
-    after_setup = max_rss_mb()
+    after_setup = peaks("after_setup_mb", "cuda_after_setup_mb")
     contender.pacer.advance(config.memory_steps)
     contender.stop()
-    return {"after_imports_mb": after_imports, "after_setup_mb": after_setup, "peak_rss_mb": max_rss_mb()}
+    return {"after_imports_mb": after_imports, **after_setup, **peaks("peak_rss_mb", "cuda_peak_mb")}
+
+
+def peak_memory_column(config: Mapping[str, Any]) -> tuple[str, str]:
+    """The memory figure of the contender tables: its key in a probe's result and its column title."""
+    return ("cuda_peak_mb", "peak CUDA MB") if config.get("device") == "cuda" else ("peak_rss_mb", "peak RSS MB")
 
 
 def measure_memory(config: BenchConfig, names: list[str], log: Callable[[str], None] = print) -> dict[str, dict]:
@@ -885,7 +1082,8 @@ def measure_memory(config: BenchConfig, names: list[str], log: Callable[[str], N
         if done.returncode != 0 or not lines:
             raise RuntimeError(f"memory probe {name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         memory[name] = json.loads(lines[-1][len(MEMORY_PROBE_TAG) :])
-        log(f"  memory {name}: peak RSS {memory[name]['peak_rss_mb']:.0f} MB")
+        cuda = f", peak CUDA {memory[name]['cuda_peak_mb']:.0f} MB" if "cuda_peak_mb" in memory[name] else ""
+        log(f"  memory {name}: peak RSS {memory[name]['peak_rss_mb']:.0f} MB{cuda}")
     return memory
 
 
@@ -931,20 +1129,53 @@ def profile_contender(config: BenchConfig, name: str, top: int = 25) -> str:
 
 
 # ---- environment and report ----------------------------------------------------------------------------------
-def environment() -> dict[str, Any]:
-    """The machine and the library versions."""
+def cuda_environment() -> dict[str, Any]:
+    """The GPU, the CUDA/cuDNN/driver versions and the float32 matmul settings."""
+    properties = torch.cuda.get_device_properties(0)
+    info = {
+        "device": torch.cuda.get_device_name(0),
+        "capability": f"{properties.major}.{properties.minor}",
+        "memory_gib": round(properties.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "driver": None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
+    try:
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "--id=0"]
+        info["driver"] = subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``; for a package found on ``PYTHONPATH`` without install
+    metadata, its ``__version__``; ``None`` when it is absent or does not import."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        pass
+    try:
+        return getattr(importlib.import_module(package), "__version__", None)
+    except Exception:  # absent, or fails to import
+        return None
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """The machine and the library versions; on ``cuda`` also the GPU (:func:`cuda_environment`)."""
     import lightning
     import transformers
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__}
     versions["transformers"] = transformers.__version__
     for package in ("textbrewer", "torchdistill", "torchvision"):
-        try:
-            from importlib.metadata import version
-
-            versions[package] = version(package)
-        except Exception:  # not installed
-            versions[package] = None
+        versions[package] = package_version(package)
     cpu = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -954,7 +1185,10 @@ def environment() -> dict[str, Any]:
         cpu.update({"sockets": fields.get("Socket(s)"), "threads_per_core": fields.get("Thread(s) per core")})
     except (OSError, subprocess.CalledProcessError):
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "torch_threads": torch.get_num_threads(), "versions": versions}
+    env = {"platform": platform.platform(), "cpu": cpu, "torch_threads": torch.get_num_threads(), "versions": versions}
+    if device == "cuda":
+        env["cuda"] = cuda_environment()
+    return env
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -965,6 +1199,17 @@ def markdown(result: dict[str, Any]) -> str:
     """The report: command, machine, versions, the table, the targets and the checks."""
     config, env = result["config"], result["environment"]
     memory = result.get("memory") or {}
+    peak_key, peak_title = peak_memory_column(config)
+    device = config.get("device", "cpu")
+    precision = PRECISIONS[config.get("precision", "32")][1]
+    if "cuda" in env:
+        gpu = env["cuda"]
+        device = (
+            f"cuda, {gpu['device']} (compute capability {gpu['capability']}, {gpu['memory_gib']} GiB), CUDA {gpu['cuda']}, "
+            f"cuDNN {gpu['cudnn']}, driver {gpu['driver'] or 'unknown'}; float32 matmul precision "
+            f"{gpu['float32_matmul_precision']} (TF32 matmul {'on' if gpu['tf32_matmul'] else 'off'}, "
+            f"cuDNN TF32 {'on' if gpu['tf32_cudnn'] else 'off'})"
+        )
     lines = [
         "# Throughput of a distillation training step",
         "",
@@ -975,20 +1220,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"{env['cpu'].get('threads_per_core')} threads), {env['platform']}; torch threads {config['threads']}; "
         f"load average {fmt(result['load_average']['start'][0])} at start, {fmt(result['load_average']['end'][0])} at end  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + "  ",
+        f"Device: {device}; precision: {precision}  ",
         f"Teacher: {result['teacher_source']}; student: layers {config['student_layers']}; data: "
-        f"{config['dataset'] or 'local files'} ({result['train_rows']} training rows), batch {config['batch_size']}, "
-        f"max length {config['max_length']}, float32  ",
+        f"{result.get('data_source', config['dataset'])} ({result['train_rows']} training rows), batch {config['batch_size']}, "
+        f"max length {config['max_length']}  ",
         f"Objective: {config['ce_weight']} CE + {config['kd_weight']} T^2 KL, T = {config['temperature']}; "
         f"AdamW lr {config['lr']}, weight decay {config['weight_decay']}, constant LambdaLR  ",
         f"Timing: {config['warmup_steps']} warm-up steps, then {config['repeats']} repeats x {config['steps']} steps "
         "per contender, contenders alternating step by step (rounds of one step each, random order per round); "
         "median over repeats",
         "",
-        "| | contender | samples/s (median) | min - max | ms/step | peak RSS MB | loss first -> last window | what is timed |",
+        f"| | contender | samples/s (median) | min - max | ms/step | {peak_title} | loss first -> last window | what is timed |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["contenders"].items():
-        peak = memory.get(name, {}).get("peak_rss_mb")
+        peak = memory.get(name, {}).get(peak_key)
         lines.append(
             f"| {row['label']} | `{name}` | {row['median_samples_per_s']:.1f} | {min(row['samples_per_s']):.1f} - "
             f"{max(row['samples_per_s']):.1f} | {row['median_step_ms']:.0f} | {fmt(peak, 0)} | "
@@ -1013,18 +1259,29 @@ def markdown(result: dict[str, Any]) -> str:
         )
     if memory:
         base = memory.get("baseline", {})
+        cuda = peak_key == "cuda_peak_mb"
         lines += [
             "",
             "Memory: peak RSS (`VmHWM` of /proc/self/status, the address space's high-water mark; `ru_maxrss` would "
             "report the parent benchmark's peak, which Linux carries into the child) of a fresh process per contender that "
             f"builds it, runs its set-up and {config['memory_steps']} training steps. Baseline (imports of torch, "
             f"transformers, lightning, kd_lightning + data): {fmt(base.get('peak_rss_mb'), 0)} MB.",
-            "",
-            "| contender | after imports MB | after set-up MB | peak MB |",
-            "|---|---|---|---|",
         ]
+        if cuda:
+            lines[-1] += (
+                " On CUDA also the peak GPU memory allocated by tensors (`torch.cuda.max_memory_allocated`, reset after "
+                "the data are prepared, before the contender is built; the caching allocator reserves more), "
+                f"baseline {fmt(base.get('cuda_peak_mb'), 0)} MB; the contender table's peak column is this figure."
+            )
+        header = "| contender | after imports MB | after set-up MB | peak MB |" + (
+            " CUDA after set-up MB | CUDA peak MB |" if cuda else ""
+        )
+        lines += ["", header, "|---" * (header.count("|") - 1) + "|"]
         for name, m in memory.items():
-            lines.append(f"| `{name}` | {fmt(m.get('after_imports_mb'), 0)} | {fmt(m.get('after_setup_mb'), 0)} | {fmt(m['peak_rss_mb'], 0)} |")
+            row = f"| `{name}` | {fmt(m.get('after_imports_mb'), 0)} | {fmt(m.get('after_setup_mb'), 0)} | {fmt(m['peak_rss_mb'], 0)} |"
+            if cuda:
+                row += f" {fmt(m.get('cuda_after_setup_mb'), 0)} | {fmt(m.get('cuda_peak_mb'), 0)} |"
+            lines.append(row)
     checks = result["objective_check"]
     lines += [
         "",
@@ -1040,6 +1297,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if result.get("cache_open_or_build_s") is not None:
         lines.append(f"- teacher cache opened (or built) before timing in {result['cache_open_or_build_s']:.1f} s.")
+    if result.get("skipped"):
+        lines += ["", "Skipped (not asked for by name, and their library does not import here):"]
+        lines += [f"- `{name}`: {reason}" for name, reason in result["skipped"].items()]
     if result.get("notes"):
         lines += ["", "Notes:", *[f"- {note}" for note in result["notes"]]]
     return "\n".join(lines) + "\n"
@@ -1066,11 +1326,39 @@ NOTES = [
     "box.post_forward_process per batch) over the shared loader, not its own DataLoader builder. Its "
     "optimiser has one parameter group (weight decay on every parameter), the others two (no decay on "
     "biases and norms): the same AdamW kernels.",
+]
+TORCHVISION_NOTE = (
     "torchvision 0.28.0 from PyPI is a CUDA build (0.28.0+cu130); with the CPU torch its C++ ops do not "
     "load and `import torchvision` fails (and with it `from transformers import BertModel`): the script "
     "declares the torchvision::nms/qnms schemas before anything imports torchvision, so that torchdistill "
-    "imports (no torchvision op is used).",
-]
+    "imports (no torchvision op is used)."
+)
+CUDA_NOTE = (
+    "CUDA: the pacer calls torch.cuda.synchronize() before reading the clock where a step ends and where the "
+    "next starts, so a step's time includes its kernels; all contenders queue on the same default stream, one "
+    "at a time. Lightning copies batches (non-blocking) before on_train_batch_start, the loops right after "
+    "their pause point, TextBrewer inside train_on_batch (blocking): every timed step holds one fetch and one "
+    "copy. The shared loader pins its batches. The objective check runs on the CPU in float32. The teacher "
+    "cache, when missing, is built on the GPU in float32."
+)
+BF16_NOTE = (
+    "bf16-mixed: Lightning precision='bf16-mixed' (autocast around training_step; kd_lightning's losses switch "
+    "it off and compute in float32); the hand loops run both forwards under torch.autocast(device, bfloat16) "
+    "and the objective on the float32 logits outside it; TextBrewer's GeneralDistiller.train_on_batch (both "
+    "forwards and its losses) and torchdistill's box.forward_process (forwards and KDLoss) run under the same "
+    "autocast, where softmax, log-softmax, cross-entropy and KL compute in float32. Weights, gradients and "
+    "AdamW states stay float32 everywhere."
+)
+
+
+def notes(config: BenchConfig) -> list[str]:
+    """The report's notes for this run's device and precision."""
+    conditional = [
+        (config.device == "cuda", CUDA_NOTE),
+        (config.precision == "bf16-mixed", BF16_NOTE),
+        (torch.version.cuda is None, TORCHVISION_NOTE),
+    ]
+    return NOTES + [note for applies, note in conditional if applies]
 
 
 def write_report(result: dict[str, Any], out_dir: Path, name: str = "throughput") -> tuple[Path, Path]:
@@ -1084,22 +1372,28 @@ def write_report(result: dict[str, Any], out_dir: Path, name: str = "throughput"
 
 def benchmark(config: BenchConfig, command: str, memory: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole benchmark: timing, memory probes and the environment, as one result."""
+    check_config(config)
     config.teacher, teacher_source = resolve_teacher(config.teacher)
+    config.contenders, skipped = resolve_contenders(config.contenders)
+    for name, reason in skipped.items():
+        log(f"skipping {name}: {reason}")
     started = time.perf_counter()
     date = datetime.now(UTC).isoformat(timespec="seconds")
-    result = {"command": command, "date": date, "teacher_source": teacher_source, "environment": environment()}
+    result = {"command": command, "date": date, "teacher_source": teacher_source, "environment": environment(config.device)}
+    result.update(data_source=describe_data(config), skipped=skipped)
     result.update(run_benchmark(config, log))
     result["memory"] = measure_memory(config, config.contenders, log) if memory and config.memory_steps > 0 else {}
-    result["notes"] = NOTES
+    result["notes"] = notes(config)
     result["duration_s"] = time.perf_counter() - started
     return result
 
 
 def table(result: dict[str, Any]) -> str:
     """A short plain-text table for the terminal."""
-    rows = [f"{'':2}{'contender':20}{'samples/s':>11}{'ms/step':>9}{'peak RSS MB':>13}"]
+    peak_key, peak_title = peak_memory_column(result["config"])
+    rows = [f"{'':2}{'contender':20}{'samples/s':>11}{'ms/step':>9}{peak_title:>13}"]
     for name, row in result["contenders"].items():
-        peak = (result.get("memory") or {}).get(name, {}).get("peak_rss_mb")
+        peak = (result.get("memory") or {}).get(name, {}).get(peak_key)
         rows.append(f"{row['label']:2}{name:20}{row['median_samples_per_s']:11.1f}{row['median_step_ms']:9.0f}{fmt(peak, 0):>13}")
     for r in result["ratios"]:
         met = "" if r["met"] is None else ("  target met" if r["met"] else "  TARGET MISSED")
@@ -1108,10 +1402,22 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 warm-up steps, 3 repeats of 5 steps, 1,024 rows, 2 memory steps")
     parser.add_argument("--teacher", help=f"teacher folder or packaged key (default: {QUICKSTART_TEACHER} if present)")
+    parser.add_argument("--student-layers", type=int, nargs="+", help="teacher layers copied into the student (default: 0 5)")
+    parser.add_argument(
+        "--data-files",
+        type=Path,
+        metavar="DIR",
+        help="read train/validation/test .parquet (or .csv) files from DIR instead of the packaged data set",
+    )
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where every contender trains (default: cpu)")
+    parser.add_argument(
+        "--precision", choices=list(PRECISIONS), default="32", help="32, or bf16-mixed (bfloat16 autocast) for every contender"
+    )
     parser.add_argument("--warmup-steps", type=int)
     parser.add_argument("--steps", type=int, help="steps per timed window")
     parser.add_argument("--repeats", type=int, help="timed windows per contender")
@@ -1126,15 +1432,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", choices=list(CONTENDERS), help="print a cProfile of one contender's steps instead")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    config = BenchConfig()
+    """The benchmark's settings from the command line (``ValueError`` for an unusable ``--data-files``)."""
+    config = BenchConfig(device=args.device, precision=args.precision)
     if args.quick:
         config = dataclasses.replace(config, warmup_steps=2, steps=5, repeats=3, memory_steps=2, max_train_samples=1024)
+    if args.data_files is not None:
+        config = dataclasses.replace(config, dataset=None, data_files=data_files_in(args.data_files))
     overrides = {
         "teacher": args.teacher,
+        "student_layers": args.student_layers,
         "warmup_steps": args.warmup_steps,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -1150,12 +1460,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.memory_probe:
         config = BenchConfig(**json.loads(args.config_json))
         print(MEMORY_PROBE_TAG + json.dumps(memory_probe(config, args.memory_probe)), flush=True)
         return None
-    config = config_from_args(args)
+    try:  # refuse what cannot be measured before anything is built
+        config = config_from_args(args)
+        check_config(config)
+        resolve_contenders([args.profile] if args.profile else config.contenders)
+    except ValueError as err:
+        parser.error(str(err))
     if args.profile:
         config.teacher = resolve_teacher(config.teacher)[0]
         print(profile_contender(config, args.profile))

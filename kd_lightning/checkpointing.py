@@ -4,7 +4,11 @@
   fsyncs it and renames it over the target, so a crash during a save never leaves the last
   good checkpoint unreadable.
 - :class:`ResumableRNG` keeps the random-number generators in the checkpoint, so a resumed
-  run draws the same dropout masks and shuffles the same as an uninterrupted one.
+  run draws the same dropout masks as an uninterrupted one.
+- :class:`TrainingEpochSync` gives the training samplers the epoch the trainer is in, which
+  Lightning gets wrong after some resumes. With the training loader's own position in the
+  checkpoint (:class:`~kd_lightning.data.sampling.ResumableDataLoader`), a run resumed
+  mid-epoch reads the rest of the epoch, and every later one, as an uninterrupted run does.
 - :func:`last_checkpoint` overwrites ``last.ckpt`` at every validation (Lightning 2.6's
   ``save_last`` beside a monitored checkpoint only writes it when the metric improves).
 - :func:`resolve_last_checkpoint` makes ``--ckpt_path last`` find the newest run of the
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import CombinedLoader
 
 LAST_CHECKPOINT = re.compile(r"^last(-v\d+)?\.ckpt$")
 
@@ -136,8 +141,9 @@ class ResumableRNG(pl.Callback):
 
     Under DDP the checkpoint holds process 0's state, which every process restores: with one
     ``seed_everything`` for all processes (the CLI's default) their states are identical anyway.
-    A resume mid-epoch also needs a resumable (stateful) training loader: Lightning otherwise
-    restarts the epoch's data from its first batch.
+    A resume mid-epoch also needs a resumable (stateful) training loader, such as
+    :class:`~kd_lightning.data.sampling.ResumableDataLoader`: Lightning otherwise restarts the
+    epoch's data from its first batch.
     """
 
     def __init__(self) -> None:
@@ -160,6 +166,36 @@ class ResumableRNG(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._after_last_step = state_dict["rng_states"]
         set_rng_states(self._after_last_step)
+
+
+def set_training_epoch(loader: Any, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on what orders ``loader``'s rows: its sampler, its batch
+    sampler and the batch sampler's sampler, where they have ``set_epoch``."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    candidates = (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None))
+    for candidate in {id(c): c for c in candidates if c is not None}.values():
+        set_epoch = getattr(candidate, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+class TrainingEpochSync(pl.Callback):
+    """At the start of every training epoch, set the training samplers' epoch to
+    ``trainer.current_epoch``.
+
+    Lightning 2.6 sets it from its count of processed epochs, which runs one ahead of the
+    current epoch for the rest of a run resumed from a checkpoint taken at the end of an
+    epoch (``ModelCheckpoint``'s default when validation runs once per epoch): every later
+    epoch would read the next epoch's order. This hook runs after Lightning's ``set_epoch``
+    and before the epoch's first batch is drawn. Resumes into the middle of an epoch do not
+    call it, and need not: there Lightning's count is right.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.train_dataloader is None:
+            return
+        for loader in CombinedLoader(trainer.train_dataloader).flattened:
+            set_training_epoch(loader, trainer.current_epoch)
 
 
 # ---- --ckpt_path last ---------------------------------------------------------------------------

@@ -9,10 +9,20 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from kd_lightning.losses.base import DistillLoss
-from kd_lightning.models import StudentSpec, TeacherSpec, build_student, freeze, load_classifier, load_tokenizer
+from kd_lightning.models import (
+    StudentSpec,
+    TeacherSpec,
+    build_student,
+    check_shared_vocabulary,
+    freeze,
+    load_classifier,
+    load_tokenizer,
+)
 from kd_lightning.outputs import ModelOutputs
+from kd_lightning.suggestions import did_you_mean
 from kd_lightning.taps import FeatureTaps, TapSpec
 from kd_lightning.teacher_cache import TeacherCache, TeacherCacheConfig, cache_key, check_cacheable
 from kd_lightning.teacher_pass import training_split
@@ -74,15 +84,11 @@ class DistillModule(StudentModule):
         taps = dict(taps or {})
         self._check_losses(losses, taps)
 
-        teacher_model = load_classifier(teacher.name_or_path, teacher.num_labels)
-        self.num_labels = int(teacher_model.config.num_labels)
+        teacher_model = self.load_teacher(teacher)
         self.tokenizer = load_tokenizer(teacher.name_or_path)
-        self.student = build_student(student, teacher_model, self.num_labels)
-        if self.student.config.num_labels != self.num_labels:
-            raise ValueError(
-                f"teacher and student have different label counts: teacher {self.num_labels}, "
-                f"student {self.student.config.num_labels}. Give the student a head with {self.num_labels} labels."
-            )
+        self.student = self.build_student_model(student, teacher_model)
+        check_shared_vocabulary(self.tokenizer, self.student, student.name_or_path)
+        self.num_labels = self.shared_outputs(teacher_model, self.student)
         if not self.teacher_is_trainable():
             freeze(teacher_model)
         # Stored outside nn.Module registration: DDP, the optimiser, train() and the checkpoint never see it.
@@ -110,6 +116,25 @@ class DistillModule(StudentModule):
     @property
     def teacher(self) -> nn.Module:
         return self._teacher
+
+    # ---- the two models (causal-LM distillation loads language models instead) -------------------
+    def load_teacher(self, spec: TeacherSpec) -> PreTrainedModel:
+        """The teacher model: a sequence classifier with ``spec.num_labels`` classes."""
+        return load_classifier(spec.name_or_path, spec.num_labels)
+
+    def build_student_model(self, spec: StudentSpec, teacher: PreTrainedModel) -> PreTrainedModel:
+        """The student model described by ``spec``, with the teacher's classes."""
+        return build_student(spec, teacher, int(teacher.config.num_labels))
+
+    def shared_outputs(self, teacher: PreTrainedModel, student: PreTrainedModel) -> int:
+        """The number of outputs (classes) teacher and student share: ``num_labels``."""
+        num_labels = int(teacher.config.num_labels)
+        if student.config.num_labels != num_labels:
+            raise ValueError(
+                f"teacher and student have different label counts: teacher {num_labels}, "
+                f"student {student.config.num_labels}. Give the student a head with {num_labels} labels."
+            )
+        return num_labels
 
     def teacher_is_trainable(self) -> bool:
         """Whether the teacher trains too. ``False`` here; online methods return ``True``."""
@@ -142,14 +167,29 @@ class DistillModule(StudentModule):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"losses share the name(s) {repeated}: give each a distinct `name` in its init_args")
+        for name, spec in taps.items():
+            if spec.module not in ("teacher", "student"):
+                raise ValueError(
+                    f"tap {name!r} sits on module {spec.module!r}{did_you_mean(spec.module, ('teacher', 'student'))}: "
+                    "set its module to 'teacher' or 'student'"
+                )
         for loss in losses:
             missing = [t for t in loss.required_taps if t not in taps]
             if missing:
                 declared = ", ".join(sorted(taps)) or "none"
+                hints = "".join(did_you_mean(t, taps) for t in missing)
                 raise ValueError(
-                    f"loss {loss.name!r} needs tap(s) {missing} that no tap declares (declared: {declared}). "
+                    f"loss {loss.name!r} needs tap(s) {missing} that no tap declares{hints} (declared: {declared}). "
                     "Add them under model.init_args.taps with module, path and reduce."
                 )
+            for side in ("student", "teacher"):
+                tap = getattr(loss, f"{side}_tap", None)
+                if tap in taps and taps[tap].module != side:
+                    raise ValueError(
+                        f"loss {loss.name!r} reads tap {tap!r} as its {side} tap, but {tap!r} sits on the "
+                        f"{taps[tap].module}: swap the loss's student and teacher init_args, or declare {tap!r} "
+                        f"with module: {side}"
+                    )
 
     @torch.no_grad()
     def _probe_tap_widths(self) -> dict[str, int]:
@@ -225,11 +265,18 @@ class DistillModule(StudentModule):
         terms = self.loss_terms(student, teacher, batch)
         total = sum(loss.weight * terms[loss.name] for loss in self.losses)
         batch_size = student.logits.shape[0]
+        return self.checked_total(terms, total, batch, batch_size)
+
+    def checked_total(self, terms: Mapping[str, Tensor], total: Tensor, batch: Mapping[str, Any], batch_size: int) -> Tensor | None:
+        """Log every term (``train/loss/<name>``, the weights of this module's losses) and
+        return ``total``, or handle a non-finite term as ``nonfinite`` says. ``terms`` may hold
+        terms beyond :attr:`losses` (a subclass's extra objectives); each is checked and logged."""
         nonfinite = self._nonfinite_terms(terms, total)
         if nonfinite:
             return self._nonfinite_step(nonfinite, {**terms, "total": total}, batch, batch_size)
+        for name, value in terms.items():
+            self.log(f"train/loss/{name}", value.detach(), batch_size=batch_size)
         for loss in self.losses:
-            self.log(f"train/loss/{loss.name}", terms[loss.name].detach(), batch_size=batch_size)
             self.log(f"train/weight/{loss.name}", loss.weight, batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         if self.nonfinite == "skip":

@@ -72,22 +72,56 @@ def check_cacheable(datamodule: Any) -> None:
         )
 
 
-class TeacherCache:
-    """A complete cache folder, opened read-only with memory maps."""
+class DamagedCacheError(ValueError):
+    """A teacher cache folder that cannot be read, or that holds the outputs of another key."""
 
-    def __init__(self, folder: Path) -> None:
+
+class TeacherCache:
+    """A complete cache folder, opened read-only with memory maps.
+
+    Args:
+        folder: the cache folder.
+        key: the :func:`cache_key` its content must have been built for; a folder whose
+            ``meta.json`` names another key (another teacher, split, taps or dtype) is refused,
+            never read. ``None`` skips the check.
+    """
+
+    def __init__(self, folder: Path, key: str | None = None) -> None:
         self.folder = Path(folder)
+        rebuild = (
+            f"Delete {self.folder}: the next fit with teacher_cache rebuilds it "
+            "(or `python -m kd_lightning cache --config <config>`)."
+        )
         meta_file = self.folder / "meta.json"
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{self.folder} is not a teacher cache (no meta.json); build it with `python -m kd_lightning cache`")
-        self.meta = json.loads(meta_file.read_text())
-        self.logits = np.load(self.folder / "logits.npy", mmap_mode="r")
-        self.features = {name: np.load(self.folder / f"tap.{name}.npy", mmap_mode="r") for name in self.meta["taps"]}
-        self.offsets = {
-            name: np.load(self.folder / f"tap.{name}.offsets.npy")
-            for name, reduce in self.meta["taps"].items()
-            if reduce == "tokens"
-        }
+            raise FileNotFoundError(f"{self.folder} is not a teacher cache (no meta.json). {rebuild}")
+        try:
+            self.meta = json.loads(meta_file.read_text())
+            self.logits = np.load(self.folder / "logits.npy", mmap_mode="r")
+            self.features = {name: np.load(self.folder / f"tap.{name}.npy", mmap_mode="r") for name in self.meta["taps"]}
+            self.offsets = {
+                name: np.load(self.folder / f"tap.{name}.offsets.npy")
+                for name, reduce in self.meta["taps"].items()
+                if reduce == "tokens"
+            }
+            self._check_rows()
+        except (OSError, ValueError, KeyError, TypeError) as err:  # truncated arrays, broken JSON, missing files
+            raise DamagedCacheError(f"the teacher cache at {self.folder} is damaged or incomplete ({err}). {rebuild}") from err
+        if key is not None and self.meta.get("key") != key:
+            raise DamagedCacheError(
+                f"the teacher cache at {self.folder} holds outputs for key {self.meta.get('key')!r}, not {key!r}: it was "
+                f"built from another teacher, data split, taps or dtype, and is not used. {rebuild}"
+            )
+
+    def _check_rows(self) -> None:
+        """Every array has a row per example (or per token row of ``tokens`` taps)."""
+        examples = int(self.meta["num_examples"])
+        expected = {"logits.npy": (self.logits, examples)}
+        for name, array in self.features.items():
+            expected[f"tap.{name}.npy"] = (array, int(self.offsets[name][-1]) if name in self.offsets else examples)
+        for file, (array, rows) in expected.items():
+            if array.shape[0] != rows:
+                raise ValueError(f"{file} has {array.shape[0]} rows where meta.json says {rows}")
 
     def __len__(self) -> int:
         return int(self.meta["num_examples"])
@@ -126,7 +160,7 @@ class TeacherCache:
             if not config.build:
                 raise FileNotFoundError(f"no teacher cache at {target}; build it with `python -m kd_lightning cache --config ...`")
             build_atomically(target, lambda tmp: write_cache(tmp, teacher, taps, dataset, collate, config.dtype, batch_size, key))
-        return cls(target)
+        return cls(target, key)
 
 
 def write_cache(

@@ -18,7 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kd_lightning.metrics import class_probabilities, classification_metrics
 from kd_lightning.metrics.glue import regression_metrics
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+#: Batch fields handed to the models; ``position_ids`` when a batch carries them (left-padded LM batches).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 @dataclass
@@ -124,8 +125,24 @@ class StudentModule(pl.LightningModule):
                 f"the data {kind} but the model has {self.num_labels} output(s): set the "
                 f"model's num_labels to {data_labels}, or fix the data's label_names / label column"
             )
+        self._check_max_length(getattr(datamodule, "max_length", None))
         if callable(getattr(datamodule, "task_metrics", None)):
             self._use_task_metrics(datamodule.task_metrics())
+
+    def _check_max_length(self, max_length: int | None) -> None:
+        """The data's ``max_length`` must fit the position embeddings of the models that read the
+        inputs, or the first long enough text would fail mid-run."""
+        from kd_lightning.models import max_input_length
+
+        for role in ("student", "teacher"):
+            model = getattr(self, role, None)
+            limit = max_input_length(model) if isinstance(model, nn.Module) and max_length is not None else None
+            if limit is not None and max_length > limit:
+                raise ValueError(
+                    f"the data's max_length {max_length} exceeds the {role}'s {limit} position embeddings "
+                    f"({type(model).__name__}): set data max_length to at most {limit} "
+                    f"(--data.init_args.max_length={limit})"
+                )
 
     def _use_task_metrics(self, metrics: MetricCollection) -> None:
         """Rebuild the collections named in :attr:`task_metric_collections` from the task's
@@ -199,9 +216,12 @@ class StudentModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- export -------------------------------------------------------------------------------
-    def export(self, dirpath: str) -> str:
-        """Save the student and its tokenizer as an HF folder that the Auto classes load."""
+    def export(self, dirpath: str, state_dict: dict[str, Tensor] | None = None) -> str:
+        """Save the student and its tokenizer as an HF folder that the Auto classes load.
+
+        ``state_dict`` (the student's keys, without the ``student.`` prefix) replaces the
+        module's own weights, e.g. the consolidated weights of a sharded student."""
         os.makedirs(dirpath, exist_ok=True)
-        self.student.save_pretrained(dirpath)
+        self.student.save_pretrained(dirpath, state_dict=state_dict)
         self.tokenizer.save_pretrained(dirpath)
         return dirpath

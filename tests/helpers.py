@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +33,29 @@ def distill_module(teacher_path: Path, **overrides: Any) -> DistillModule:
     return DistillModule(**kwargs)
 
 
+def distill_model_config(teacher: Path | str) -> dict[str, Any]:
+    """A CLI config's ``model`` section: a 1-layer, width-16 student with dropout on (its config
+    default) distilled from ``teacher`` (a tiny BERT such as ``tiny_bert``) with cross-entropy,
+    KD and a learned projection of features (FitNets), AdamW at lr 1e-3."""
+    return {
+        "class_path": "kd_lightning.DistillModule",
+        "init_args": {
+            "teacher": {"name_or_path": str(teacher)},
+            "student": {"config_overrides": {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 20}},
+            "taps": {
+                "t": {"module": "teacher", "path": "bert.encoder.layer.1", "reduce": "cls"},
+                "s": {"module": "student", "path": "bert.encoder.layer.0", "reduce": "mean"},
+            },
+            "losses": [
+                {"class_path": "kd_lightning.losses.CrossEntropy", "init_args": {"weight": 0.5}},
+                {"class_path": "kd_lightning.losses.KLDivergence", "init_args": {"weight": 0.5}},
+                {"class_path": "kd_lightning.losses.ProjectedMSE", "init_args": {"student": "s", "teacher": "t"}},
+            ],
+            "optim": {"lr": 1e-3},
+        },
+    }
+
+
 def csv_datamodule(files: dict[str, str], **overrides: Any) -> TextClassificationDataModule:
     kwargs: dict[str, Any] = {"data_files": files, "max_length": 16, "batch_size": 8}
     kwargs.update(overrides)
@@ -50,3 +76,12 @@ def quiet_trainer(root: Path, **overrides: Any) -> pl.Trainer:
     }
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as the module ``<name>_benchmark`` (``benchmarks`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import csv_datamodule, distill_module, quiet_trainer
+from helpers import csv_datamodule, distill_model_config, distill_module, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import Precision
 
@@ -115,23 +115,7 @@ def test_the_atomic_io_is_added_unless_a_checkpoint_io_is_given():
 def run_config(tiny_bert: Path, tiny_csv: dict[str, str], path: Path) -> Path:
     """6 steps, 2 epochs of 3 (96 rows, batch 32), shuffled data, dropout on (the student's
     config default): every source of randomness a resumed run has to reproduce."""
-    model = {
-        "class_path": "kd_lightning.DistillModule",
-        "init_args": {
-            "teacher": {"name_or_path": str(tiny_bert)},
-            "student": {"config_overrides": {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 20}},
-            "taps": {
-                "t": {"module": "teacher", "path": "bert.encoder.layer.1", "reduce": "cls"},
-                "s": {"module": "student", "path": "bert.encoder.layer.0", "reduce": "mean"},
-            },
-            "losses": [
-                {"class_path": "kd_lightning.losses.CrossEntropy", "init_args": {"weight": 0.5}},
-                {"class_path": "kd_lightning.losses.KLDivergence", "init_args": {"weight": 0.5}},
-                {"class_path": "kd_lightning.losses.ProjectedMSE", "init_args": {"student": "s", "teacher": "t"}},
-            ],
-            "optim": {"lr": 1e-3},
-        },
-    }
+    model = distill_model_config(tiny_bert)
     data = {
         "class_path": "kd_lightning.data.TextClassificationDataModule",
         "init_args": {"data_files": tiny_csv, "max_length": 16, "batch_size": 32},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import csv_datamodule, distill_module, quiet_trainer
@@ -115,10 +116,15 @@ def test_nd_class_means_equal_a_brute_force_mean(tiny_bert, tiny_csv, tmp_path):
 def test_online_bdkd_trains_the_teacher(tiny_bert, tiny_csv, tmp_path):
     module = OnlineBDKDModule(teacher=TeacherSpec(str(tiny_bert)), student=SMALL_STUDENT, teacher_lr=1e-3)
     before = parameter_fingerprint(module.teacher)
-    module.train()
-    assert module.teacher.training
-    trainer = quiet_trainer(tmp_path, max_steps=3, val_check_interval=3)
+    modes: list[bool] = []
+
+    class TeacherMode(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            modes.append(all(m.training for m in pl_module.teacher.modules()))
+
+    trainer = quiet_trainer(tmp_path, max_steps=3, val_check_interval=3, callbacks=[TeacherMode()])
     trainer.fit(module, datamodule=csv_datamodule(tiny_csv))
+    assert modes == [True, True, True], "the teacher trains in training mode (dropout on) at every step"
     assert parameter_fingerprint(module.teacher) != before
     optimizer = trainer.optimizers[0]
     teacher_ids = {id(p) for p in module.teacher.parameters()}

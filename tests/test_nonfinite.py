@@ -78,3 +78,20 @@ def test_skip_drops_the_optimiser_step_and_counts_it(tiny_bert, tiny_csv, tmp_pa
     steps = {int(optimizer.state[p]["step"]) for group in optimizer.param_groups for p in group["params"]}
     assert steps == {11}, "AdamW updated every parameter on the 11 finite steps and on no other"
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_online_bdkd_checks_the_teachers_objective_too(tiny_bert, tiny_csv):
+    from kd_lightning.methods import OnlineBDKDModule
+    from kd_lightning.models import StudentSpec, TeacherSpec
+
+    student = StudentSpec(config_overrides={"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 20})
+    module = OnlineBDKDModule(teacher=TeacherSpec(str(tiny_bert)), student=student, teacher_kl_weight=math.nan)
+    module.log = lambda *args, **kwargs: None
+    data = csv_datamodule(tiny_csv, tokenizer=str(tiny_bert))
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    with pytest.raises(NonFiniteLossError, match=r"\['teacher'\] at global step 0: teacher=nan"):
+        module.training_step(batch, 0)
+    module.nonfinite = "skip"
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        assert module.training_step(batch, 0) is None

@@ -17,15 +17,30 @@ def upcast(outputs: ModelOutputs) -> ModelOutputs:
     return ModelOutputs(logits=outputs.logits.float(), features={k: v.float() for k, v in outputs.features.items()})
 
 
+def to_device(outputs: ModelOutputs, device: str) -> ModelOutputs:
+    return ModelOutputs(logits=outputs.logits.to(device), features={k: v.to(device) for k, v in outputs.features.items()})
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+AUTOCASTS = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=cuda),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=cuda),
+]
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCASTS)
 @pytest.mark.parametrize("name", ALL_LOSSES)
-def test_loss_terms_compute_every_loss_in_float32_under_bf16_autocast(name):
-    """Through ``DistillModule.loss_terms`` on bf16 model outputs inside autocast, each loss is
-    finite, float32, and equal to the same loss on the float32-upcast outputs outside autocast:
-    nothing in it ran in bf16."""
-    loss = build(name).float()
-    student, teacher, batch = example(batch=8, dtype=torch.bfloat16, seed=5)
+def test_loss_terms_compute_every_loss_in_float32_under_autocast(name, device, dtype):
+    """Through ``DistillModule.loss_terms`` on half-precision model outputs inside autocast, each
+    loss is finite, float32, and equal to the same loss on the float32-upcast outputs outside
+    autocast: nothing in it ran in half precision (bf16 on CPU and CUDA, fp16 on CUDA)."""
+    loss = build(name).float().to(device)
+    student, teacher, batch = example(batch=8, dtype=dtype, seed=5)
+    student, teacher = to_device(student, device), to_device(teacher, device)
+    batch = {key: value.to(device) for key, value in batch.items()}
     holder = SimpleNamespace(losses=[loss])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=dtype):
         value = DistillModule.loss_terms(holder, student, teacher, batch)[loss.name]
     assert value.dtype == torch.float32 and torch.isfinite(value)
     torch.testing.assert_close(value, loss(upcast(student), upcast(teacher), batch))

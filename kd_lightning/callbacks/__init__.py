@@ -1,9 +1,22 @@
-"""Lightning Callbacks: export, loss schedules, alignment logging."""
+"""Lightning Callbacks: export, loss schedules, alignment logging, TensorBoard diagnostics and hyper-parameters."""
 
 from kd_lightning.callbacks.alignment import AlignmentLogger
 from kd_lightning.callbacks.class_means import TeacherClassMeans
+from kd_lightning.callbacks.diagnostics import ValidationDiagnostics
 from kd_lightning.callbacks.export import ExportHF
+from kd_lightning.callbacks.generation import GenerationEvaluator
+from kd_lightning.callbacks.hparams import HParamsSummary
 from kd_lightning.callbacks.schedules import LossWeightWarmup, TemperatureAnneal
 from kd_lightning.callbacks.summary import RunSummary
 
-__all__ = ["AlignmentLogger", "ExportHF", "LossWeightWarmup", "RunSummary", "TeacherClassMeans", "TemperatureAnneal"]
+__all__ = [
+    "AlignmentLogger",
+    "ExportHF",
+    "GenerationEvaluator",
+    "HParamsSummary",
+    "LossWeightWarmup",
+    "RunSummary",
+    "TeacherClassMeans",
+    "TemperatureAnneal",
+    "ValidationDiagnostics",
+]

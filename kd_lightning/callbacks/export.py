@@ -7,6 +7,7 @@ import os
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -30,11 +31,22 @@ class ExportHF(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = trainer.checkpoint_callback.best_model_path if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else ""
         if self.use_best and best and os.path.isfile(best):
-            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
-            pl_module.load_state_dict(state)
+            # A single-file checkpoint holds the full state dict, also under FSDP (state_dict_type: full).
+            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            if not is_sharded(trainer):
+                pl_module.load_state_dict(state)
             rank_zero_info(f"ExportHF: exporting the best checkpoint {best}")
+        else:
+            # Under FSDP this gathers the shards (every process takes part); elsewhere it is the module's own.
+            state = trainer.strategy.lightning_module_state_dict()
         dirpath = self.dirpath or os.path.join(trainer.log_dir or ".", "export")
         if trainer.is_global_zero:
-            pl_module.export(dirpath)
+            student = {key.removeprefix("student."): value for key, value in state.items() if key.startswith("student.")}
+            pl_module.export(dirpath, student)
             rank_zero_info(f"ExportHF: student saved to {dirpath}")
         self.exported_to = dirpath
+
+
+def is_sharded(trainer: pl.Trainer) -> bool:
+    """Whether the trainer's strategy shards the module's parameters (FSDP)."""
+    return isinstance(trainer.strategy, FSDPStrategy)

@@ -16,18 +16,26 @@ def main(argv: list[str]) -> Any:
         print(__doc__)
         return None
     from kd_lightning.cli import KDLightningCLI
+
+    sys.argv = sys.argv[:1]
+    cache = build_teacher_cache(KDLightningCLI(args=argv, run=False))
+    print(f"teacher cache: {cache.folder} ({len(cache)} examples, {cache.meta['dtype']})")
+    return cache
+
+
+def build_teacher_cache(cli: Any) -> Any:
+    """Build (or open) the teacher cache of a ``KDLightningCLI`` built with ``run=False``, on the
+    trainer's accelerator, connected as ``fit`` connects them; a later ``trainer.fit`` reads it."""
     from kd_lightning.module import DistillModule
     from kd_lightning.teacher_cache import TeacherCacheConfig
 
-    sys.argv = sys.argv[:1]
-    cli = KDLightningCLI(args=argv, run=False)
     module = cli.model
     if not isinstance(module, DistillModule):
         raise SystemExit(f"cache: the config's model is {type(module).__name__}; a DistillModule config is needed")
     module.teacher_cache_config = module.teacher_cache_config or TeacherCacheConfig()
+    cli.trainer.strategy.connect(module)  # as in fit: a data module without a tokenizer takes the module's
     cli.datamodule.trainer = cli.trainer
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
-    cache = module.open_teacher_cache(cli.datamodule)
-    print(f"teacher cache: {cache.folder} ({len(cache)} examples, {cache.meta['dtype']})")
-    return cache
+    module.to(cli.trainer.strategy.root_device)  # the teacher pass runs on the configured accelerator
+    return module.open_teacher_cache(cli.datamodule)

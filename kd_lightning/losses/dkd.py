@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.base import DistillLoss
+from kd_lightning.losses.base import DistillLoss, positive
 from kd_lightning.outputs import ModelOutputs
 
 
@@ -39,7 +39,7 @@ class DKD(DistillLoss):
         super().__init__(weight=weight, name=name)
         self.alpha = float(alpha)
         self.beta = float(beta)
-        self.temperature = float(temperature)
+        self.temperature = positive(temperature, "temperature", type(self).__name__)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
         return functional.dkd_loss(

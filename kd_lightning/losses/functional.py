@@ -16,7 +16,8 @@ from typing import Literal, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from kd_lightning.losses.chunked import chunked_row_mean
 
 Space = Literal["auto", "feature", "gram"]
 _Fn = TypeVar("_Fn", bound=Callable[..., Tensor])
@@ -41,14 +42,20 @@ def _exact(fn: _Fn) -> _Fn:
     return wrapper  # type: ignore[return-value]
 
 
+def _row_keep(logits: Tensor, mask: Tensor | None) -> Tensor | None:
+    """``mask`` (the shape of the logits' leading dimensions) as a flat boolean row mask."""
+    if mask is None:
+        return None
+    if mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the logits' rows {tuple(logits.shape[:-1])}")
+    return mask.reshape(-1).to(torch.bool)
+
+
 def _rows(logits: Tensor, mask: Tensor | None) -> Tensor:
     """``(..., C)`` logits as ``(rows, C)``, keeping the rows where ``mask`` is true."""
     rows = logits.reshape(-1, logits.shape[-1])
-    if mask is None:
-        return rows
-    if mask.shape != logits.shape[:-1]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the logits' rows {tuple(logits.shape[:-1])}")
-    return rows[mask.reshape(-1).to(torch.bool)]
+    keep = _row_keep(logits, mask)
+    return rows if keep is None else rows[keep]
 
 
 def _row_mean(values: Tensor) -> Tensor:
@@ -75,23 +82,23 @@ def _divergence(
 ) -> Tensor:
     """Mean over kept rows of ``per_row(log p_s, log p_t)``, ``p = softmax(z / T)``.
 
-    With ``chunk_size`` the rows are processed in chunks under activation checkpointing, so the
-    ``rows x classes`` probability tensors exist for one chunk at a time (forward and backward).
+    With ``chunk_size`` the kept rows are processed ``chunk_size`` at a time, each chunk's
+    gradient computed with it (:func:`~kd_lightning.losses.chunked.chunked_row_mean`), so the
+    ``rows x classes`` probability tensors exist for one chunk at a time, forward and backward.
     """
     dtype = _compute_dtype(student_logits)
-    student, teacher = _rows(student_logits, mask), _rows(teacher_logits, mask)
+
+    def log_probs(z: Tensor) -> Tensor:
+        z = z.to(dtype)
+        return F.log_softmax(z if temperature == 1 else z / temperature, -1)
 
     def values(s: Tensor, t: Tensor) -> Tensor:
-        return per_row(F.log_softmax(s.to(dtype) / temperature, -1), F.log_softmax(t.to(dtype) / temperature, -1))
+        return per_row(log_probs(s), log_probs(t))
 
-    if chunk_size is None or student.shape[0] <= chunk_size:
-        return _row_mean(values(student, teacher))
-    chunks = zip(student.split(chunk_size), teacher.split(chunk_size), strict=True)
-    if torch.is_grad_enabled():
-        pieces = [checkpoint(values, s, t, use_reentrant=False) for s, t in chunks]
-    else:
-        pieces = [values(s, t) for s, t in chunks]
-    return _row_mean(torch.cat(pieces))
+    if chunk_size is not None:
+        rows = [z.reshape(-1, z.shape[-1]) for z in (student_logits, teacher_logits)]
+        return chunked_row_mean(values, rows, _row_keep(student_logits, mask), chunk_size)
+    return _row_mean(values(_rows(student_logits, mask), _rows(teacher_logits, mask)))
 
 
 # ---- divergences between softened distributions --------------------------------------------------
@@ -242,6 +249,42 @@ def balanced_divergence(
         return w * _kl(log_p_t, log_p_s) + (1 - w) * _kl(log_p_s, log_p_t)
 
     return _divergence(per_row, student_logits, teacher_logits, temperature, mask, chunk_size) * temperature**2
+
+
+# ---- next-token prediction (causal LMs) -----------------------------------------------------------
+IGNORE_INDEX = -100
+
+
+def next_token_targets(labels: Tensor) -> Tensor:
+    """The token each position predicts: ``targets[:, i] = labels[:, i + 1]``, ``-100`` at the end.
+
+    ``labels`` is ``(batch, seq)`` in Hugging Face's convention (aligned with the inputs, ``-100``
+    on prompt and padding tokens). ``targets != -100`` marks the positions whose logits the
+    token-level losses count: those that predict a response token.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+@_exact
+def token_cross_entropy(logits: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Cross-entropy ``-1/n sum_i log softmax(z_i)[y_i]`` over the ``n`` rows whose target is not ``-100``.
+
+    ``logits`` is ``(..., vocab)`` and ``targets`` its leading shape (for next-token prediction,
+    :func:`next_token_targets` of the labels). No counted row gives 0. ``chunk_size`` bounds the
+    ``rows x vocab`` memory as for the divergences.
+    """
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets of shape {tuple(targets.shape)} do not match the logits' rows {tuple(logits.shape[:-1])}")
+    dtype = _compute_dtype(logits)
+
+    def per_row(z: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(z.to(dtype), y, reduction="none")
+
+    keep = targets.reshape(-1) != IGNORE_INDEX
+    rows, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if chunk_size is not None:
+        return chunked_row_mean(per_row, [rows, flat_targets], keep, chunk_size)
+    return _row_mean(per_row(rows[keep], flat_targets[keep]))
 
 
 # ---- batch-wise and decoupled logit losses -------------------------------------------------------

@@ -21,8 +21,8 @@ class Procrustes(FeatureLoss):
     """Orthogonal Procrustes distance (Williams et al., 2021; Bhattarai et al., seed 000).
 
     ``D_P^2 = min_{Q^T Q = I} ||T - S Q||_F^2 = 2 - 2 ||T^T S||_*`` on normalised rows. Zero only
-    when the student is the teacher up to a rotation, unlike projected MSE and CKA, which also
-    vanish for any invertible linear map.
+    when the student is the teacher up to a rotation and a scale, unlike projected MSE, which
+    also vanishes for any invertible linear map (notebooks/03_geometry.ipynb).
 
     Args:
         student, teacher: the tap names.

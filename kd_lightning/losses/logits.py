@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.base import DistillLoss, float32, row_mask
+from kd_lightning.losses.base import DistillLoss, float32, positive, row_mask
 from kd_lightning.outputs import ModelOutputs
 
 
@@ -60,7 +60,7 @@ class LogitDivergence(DistillLoss):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        self.temperature = float(temperature)
+        self.temperature = positive(temperature, "temperature", type(self).__name__)
         self.chunk_size = chunk_size
         self.mask_key = mask_key
 

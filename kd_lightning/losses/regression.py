@@ -15,7 +15,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.losses.base import DistillLoss
+from kd_lightning.losses.base import DistillLoss, positive
 from kd_lightning.outputs import ModelOutputs
 
 
@@ -37,7 +37,7 @@ class ScoreMSE(DistillLoss):
 
     def __init__(self, temperature: float = 1.0, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__(weight=weight, name=name)
-        self.temperature = float(temperature)
+        self.temperature = positive(temperature, "temperature", type(self).__name__)
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
         return F.mse_loss(_scores(student) / self.temperature, _scores(teacher).detach() / self.temperature)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.base import DistillLoss, row_mask
+from kd_lightning.losses.base import DistillLoss, positive, row_mask
 from kd_lightning.outputs import ModelOutputs
 
 
@@ -43,8 +43,8 @@ class SinkhornDistance(DistillLoss):
         super().__init__(weight=weight, name=name)
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        self.temperature = float(temperature)
-        self.epsilon = float(epsilon)
+        self.temperature = positive(temperature, "temperature", type(self).__name__)
+        self.epsilon = positive(epsilon, "epsilon", type(self).__name__)
         self.iterations = int(iterations)
         self.reduction = reduction
         self.mask_key = mask_key

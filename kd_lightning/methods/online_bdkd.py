@@ -19,7 +19,7 @@ and calibration (``val/*`` and ``val/teacher/*``) every time.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -51,6 +51,8 @@ class OnlineBDKDModule(DistillModule):
         teacher_lr: the teacher's learning rate (default: ``optim.lr``).
         teacher_kl_weight: ``lambda``, weight of the teacher's reverse KL towards the student.
         teacher_temperature: ``T`` of that KL.
+        nonfinite: as for :class:`~kd_lightning.DistillModule`; the teacher's objective is
+            checked as the term ``teacher``.
     """
 
     def __init__(
@@ -63,12 +65,14 @@ class OnlineBDKDModule(DistillModule):
         teacher_lr: float | None = None,
         teacher_kl_weight: float = 1.0,
         teacher_temperature: float = 2.0,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         losses = losses or [CrossEntropy(weight=0.5), BalancedDivergence(weight=0.5, temperature=2.0)]
-        super().__init__(teacher, student, losses, taps=taps, optim=optim)
+        super().__init__(teacher, student, losses, taps=taps, optim=optim, nonfinite=nonfinite)
         self.save_hyperparameters(ignore=["losses"])
         self.online_teacher = self._teacher
         self.online_teacher.requires_grad_(True)
+        self.online_teacher.train()  # loaded models come in eval mode; this teacher trains, with dropout
         self.teacher_lr = teacher_lr
         self.teacher_kl_weight = teacher_kl_weight
         self.teacher_temperature = teacher_temperature
@@ -91,19 +95,14 @@ class OnlineBDKDModule(DistillModule):
         reverse = functional.reverse_kl_divergence(teacher.logits, student.logits.detach(), self.teacher_temperature)
         return ce + self.teacher_kl_weight * reverse
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         teacher = self.teacher_outputs(batch)
         student = self.student_outputs(batch)
         terms = self.loss_terms(student, detached(teacher), batch)
         student_total = sum(loss.weight * terms[loss.name] for loss in self.losses)
         teacher_total = self.teacher_loss(teacher, student, batch["labels"])
-        batch_size = student.logits.shape[0]
-        for loss in self.losses:
-            self.log(f"train/loss/{loss.name}", terms[loss.name].detach(), batch_size=batch_size)
-            self.log(f"train/weight/{loss.name}", loss.weight, batch_size=batch_size)
-        self.log("train/loss/teacher", teacher_total.detach(), batch_size=batch_size)
-        self.log("train/loss", student_total.detach(), prog_bar=True, batch_size=batch_size)
-        return student_total + teacher_total
+        self.log("train/loss/student", student_total.detach(), batch_size=student.logits.shape[0])
+        return self.checked_total({**terms, "teacher": teacher_total}, student_total + teacher_total, batch, student.logits.shape[0])
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> ModelOutputs:
         student = super().validation_step(batch, batch_idx)

@@ -1,9 +1,13 @@
 """torchmetrics Metrics: task metrics, calibration and representational alignment."""
 
-from kd_lightning.metrics.alignment import RepresentationMoments, StreamingLinearCKA, StreamingProcrustes
+from kd_lightning.metrics.alignment import CrossLayerCKA, RepresentationMoments, StreamingLinearCKA, StreamingProcrustes
+from kd_lightning.metrics.calibration import ReliabilityBins, ReliabilityCurve
 from kd_lightning.metrics.task import class_probabilities, classification_metrics
 
 __all__ = [
+    "CrossLayerCKA",
+    "ReliabilityBins",
+    "ReliabilityCurve",
     "class_probabilities",
     "classification_metrics",
     "RepresentationMoments",

