@@ -80,17 +80,17 @@ def test_string_labels_follow_label_names_order(tmp_path, tiny_encoder):
 def test_sample_limits_draw_a_seeded_subset_in_the_splits_order(tmp_path, tiny_encoder):
     """A source sorted by label still gives every class under ``max_train_samples``."""
     rows = frame(40).sort_values("stars", kind="stable").reset_index(drop=True)
-    rows["review"] = [f"{text} {i}" for i, text in enumerate(rows["review"])]
     files = {s: write(rows, tmp_path / f"{s}.csv") for s in ("train", "validation", "test")}
-    subsets = []
+    drawn = []
     for _ in range(2):
         dm = local(files, tiny_encoder, max_train_samples=10, max_eval_samples=6)
         dm.setup("fit")
-        subsets.append(list(dm.datasets["train"]["index"]))
         assert len(dm.datasets["train"]) == 10 and len(dm.datasets["validation"]) == 6
-        assert set(dm.datasets["train"]["labels"]) == {0, 1}, "both classes, though the file lists every 0 first"
-    assert subsets[0] == subsets[1], "the same seed draws the same rows"
-    assert subsets[0] == sorted(subsets[0]), "kept in the split's order"
+        labels = list(dm.datasets["train"]["labels"])
+        assert set(labels) == {0, 1}, "both classes, though the file lists every 0 first"
+        assert labels == sorted(labels), "kept in the split's order"
+        drawn.append([list(ids) for ids in dm.datasets["train"]["input_ids"]])
+    assert drawn[0] == drawn[1], "the same seed draws the same rows"
 
 
 def test_one_file_is_carved_into_disjoint_seeded_splits(tmp_path, tiny_encoder):
