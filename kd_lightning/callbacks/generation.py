@@ -91,6 +91,7 @@ class GenerationEvaluator(pl.Callback):
         self.every_n_validations = every_n_validations
         self.at_fit_start = at_fit_start
         self.validations = 0
+        self.prompts_scored = 0  # fewer than num_prompts when the split is smaller
         self.scores: dict[str, float] = {}
         self._last_scored_step: int | None = None
 
@@ -110,6 +111,7 @@ class GenerationEvaluator(pl.Callback):
             prompts += pl_module.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
             references += refs
         self._log_samples(trainer, tag, prompts, predictions, references)
+        self.prompts_scored = len(predictions)
         return rouge_l(predictions, references)
 
     @rank_zero_only
@@ -136,7 +138,7 @@ class GenerationEvaluator(pl.Callback):
         if "teacher" in self.scores:
             metrics["val/teacher/rougeL"] = self.scores["teacher"]
         shown = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in self.scores.items())
-        rank_zero_info(f"GenerationEvaluator: ROUGE-L on {self.num_prompts} validation prompts: {shown}")
+        rank_zero_info(f"GenerationEvaluator: ROUGE-L on {self.prompts_scored} validation prompts: {shown}")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -173,7 +175,7 @@ class GenerationEvaluator(pl.Callback):
     @rank_zero_only
     def _report(self, trainer: pl.Trainer) -> None:
         labels = {"teacher": "teacher", "student_before": "student before distillation", "student_after": "student after distillation"}
-        table = Table(title=f"ROUGE-L of greedy generations ({self.num_prompts} validation prompts, <= {self.max_new_tokens} new tokens)")
+        table = Table(title=f"ROUGE-L of greedy generations ({self.prompts_scored} validation prompts, <= {self.max_new_tokens} new tokens)")
         table.add_column("model")
         table.add_column("ROUGE-L", justify="right")
         for key, label in labels.items():
@@ -182,7 +184,7 @@ class GenerationEvaluator(pl.Callback):
         Console().print(table)
         if trainer.log_dir:
             os.makedirs(trainer.log_dir, exist_ok=True)
-            record = {"num_prompts": self.num_prompts, "max_new_tokens": self.max_new_tokens, "rougeL": self.scores}
+            record = {"prompts": self.prompts_scored, "max_new_tokens": self.max_new_tokens, "rougeL": self.scores}
             with open(os.path.join(trainer.log_dir, "generation.json"), "w") as handle:
                 json.dump(record, handle, indent=2)
 

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -191,7 +192,8 @@ class InstructionDataModule(TextClassificationDataModule):
         tokenizer: a tokenizer name or folder; default: the model's.
         max_length: tokens of prompt and response together.
         max_prompt_length: longest prompt kept, in tokens (default ``max_length // 2``).
-        max_train_samples / max_eval_samples: keep only the first N examples of a split.
+        max_train_samples / max_eval_samples: keep N examples of the split, drawn at random with
+            ``split_seed`` and kept in the split's order (sources sorted by task stay mixed).
         batch_size / eval_batch_size: examples per batch (evaluation: ``2 * batch_size``).
         padding_side: ``right`` or ``left`` padding of the training and evaluation batches.
         shuffle_seed / num_workers: as for :class:`~kd_lightning.data.TextClassificationDataModule`.
@@ -365,8 +367,9 @@ class InstructionDataModule(TextClassificationDataModule):
             self._check_source_columns(split, data)
             examples = self._examples(split, data)
             limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            if limit is not None:
-                examples = examples.select(range(min(limit, len(examples))))
+            if limit is not None and limit < len(examples):  # a seeded subset in the split's order
+                keep = np.sort(np.random.default_rng(self.split_seed).permutation(len(examples))[:limit])
+                examples = examples.select(keep.tolist())
             tokenized = self._tokenize_examples(split, examples)
             if len(tokenized) == 0:
                 raise ValueError(
