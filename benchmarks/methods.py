@@ -154,6 +154,11 @@ RT_METHODS = (
     Method("KD + Gram", ("configs/geometry/gram.yaml",)),
     Method("ND / KD++", ("configs/methods/nd_kdpp.yaml",)),
     Method("LELP", ("configs/methods/lelp.yaml",)),
+    Method("Comparative KD", ("configs/methods/comparative_kd.yaml",)),
+    Method("SRD", ("configs/methods/srd.yaml",)),
+    Method("KD + WDM", ("configs/methods/wdm.yaml",)),
+    Method("DPK", ("configs/methods/dpk.yaml",)),
+    Method("AD-KD", ("configs/methods/adkd.yaml",), cache=False),
 )
 AMAZON3_METHODS = (
     Method(BASELINE, ("configs/sentiment/amazon_snippets_3class.yaml", "configs/methods/no_kd.yaml"), cache=False),

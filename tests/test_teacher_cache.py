@@ -85,11 +85,15 @@ def test_key_changes_with_teacher_data_and_settings(tiny_bert, tiny_bert_4layers
     folders.add(cached_module(tiny_bert, root).open_teacher_cache(prepared(tiny_bert, tiny_csv)).folder)
     assert len(folders) == 1
     folders.add(cached_module(tiny_bert, root).open_teacher_cache(prepared(tiny_bert, tiny_csv, max_length=8)).folder)
-    folders.add(cached_module(tiny_bert, root).open_teacher_cache(prepared(tiny_bert, tiny_csv, max_train_samples=50)).folder)
+    folders.add(
+        cached_module(tiny_bert, root).open_teacher_cache(prepared(tiny_bert, tiny_csv, max_train_samples=50)).folder
+    )
     float32 = cached_module(tiny_bert, root, teacher_cache=TeacherCacheConfig(root=str(root), dtype="float32"))
     folders.add(float32.open_teacher_cache(prepared(tiny_bert, tiny_csv)).folder)
     other_taps = dict(TAPS, t_cls=TapSpec("teacher", "bert.encoder.layer.1", "mean"))
-    folders.add(cached_module(tiny_bert, root, taps=other_taps).open_teacher_cache(prepared(tiny_bert, tiny_csv)).folder)
+    folders.add(
+        cached_module(tiny_bert, root, taps=other_taps).open_teacher_cache(prepared(tiny_bert, tiny_csv)).folder
+    )
     retrained = cached_module(tiny_bert, root)
     with torch.no_grad():
         retrained.teacher.classifier.bias.add_(0.5)
@@ -114,7 +118,9 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tiny_bert, tiny_cs
     handle.remove()
     assert not root.exists() or list(root.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
-        cached_module(tiny_bert, root, teacher_cache=TeacherCacheConfig(root=str(root), build=False)).open_teacher_cache(data)
+        cached_module(
+            tiny_bert, root, teacher_cache=TeacherCacheConfig(root=str(root), build=False)
+        ).open_teacher_cache(data)
     assert len(module.open_teacher_cache(data)) == 96
 
 
@@ -127,3 +133,40 @@ def test_randomised_inputs_and_raw_taps_refuse_the_cache(tiny_bert, tiny_csv, tm
     module = cached_module(tiny_bert, tmp_path, taps=raw, losses=[KLDivergence()])
     with pytest.raises(CacheRefusedError, match="reduce 'none'"):
         module.open_teacher_cache(prepared(tiny_bert, tiny_csv))
+
+
+def test_classifier_caches_ignore_top_k_and_keep_their_keys(tiny_bert, tiny_csv, tmp_path):
+    """``top_k`` concerns vocabulary-sized outputs only: a classifier cache stores every class, and
+    its key is the one it had before top-k caches existed, so existing caches stay valid."""
+    import hashlib
+    import json
+
+    from kd_lightning.models import parameter_fingerprint
+    from kd_lightning.teacher_cache import DamagedCacheError, TopKTeacherCache
+    from kd_lightning.teacher_pass import training_split
+
+    root = tmp_path / "cache"
+    data = prepared(tiny_bert, tiny_csv)
+    module = cached_module(tiny_bert, root)
+    cache = module.open_teacher_cache(data)
+    few = cached_module(tiny_bert, root, teacher_cache=TeacherCacheConfig(root=str(root), top_k=1, batch_size=7))
+    assert few.open_teacher_cache(data).folder == cache.folder and cache.logits.shape == (96, 2)
+    dataset, _ = training_split(data)
+    spec = sorted((n, t.path, t.reduce) for n, t in TAPS.items() if t.module == "teacher")
+    body = json.dumps([dataset._fingerprint, parameter_fingerprint(module.teacher), spec, "float16"])
+    assert cache.folder.name == hashlib.sha256(body.encode()).hexdigest()[:24]
+    with pytest.raises(DamagedCacheError, match="layout 'logits' where TopKTeacherCache reads 'topk'"):
+        TopKTeacherCache(cache.folder)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"top_k": 0}, "top_k must be a positive number of tokens"),
+        ({"dtype": "bfloat16"}, "dtype must be one of float16, float32"),
+        ({"batch_size": 0}, "batch_size must be a positive number of examples or null"),
+    ],
+)
+def test_cache_settings_are_checked_when_the_config_is_read(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TeacherCacheConfig(**settings)

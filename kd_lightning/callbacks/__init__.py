@@ -3,7 +3,9 @@
 from kd_lightning.callbacks.alignment import AlignmentLogger
 from kd_lightning.callbacks.class_means import TeacherClassMeans
 from kd_lightning.callbacks.diagnostics import ValidationDiagnostics
+from kd_lightning.callbacks.dpk_schedule import DPKShareSchedule
 from kd_lightning.callbacks.export import ExportHF
+from kd_lightning.callbacks.generalisation import GeneralisationDiagnostic
 from kd_lightning.callbacks.generation import GenerationEvaluator
 from kd_lightning.callbacks.hparams import HParamsSummary
 from kd_lightning.callbacks.schedules import LossWeightWarmup, TemperatureAnneal
@@ -11,7 +13,9 @@ from kd_lightning.callbacks.summary import RunSummary
 
 __all__ = [
     "AlignmentLogger",
+    "DPKShareSchedule",
     "ExportHF",
+    "GeneralisationDiagnostic",
     "GenerationEvaluator",
     "HParamsSummary",
     "LossWeightWarmup",

@@ -17,6 +17,12 @@ Feature and geometry losses read decoder hidden states through taps (e.g.
 Validation logs ``val/nll`` and ``val/ppl`` of the response tokens (the teacher's as
 ``val/teacher/*`` once at fit start); generation quality (ROUGE-L) comes from
 :class:`~kd_lightning.callbacks.GenerationEvaluator`.
+
+With ``teacher_cache`` set, training steps read the teacher from a top-k cache of the training
+split (:class:`~kd_lightning.teacher_cache.TopKTeacherCache`, built on first use or by
+``python -m kd_lightning cache``): the ``top_k`` log-probabilities of every response position
+and the remaining mass, from which the divergences rebuild each row chunk by chunk; taps are
+cached as they are. Validation and test run the live teacher.
 """
 
 from __future__ import annotations
@@ -38,6 +44,18 @@ from kd_lightning.models import StudentSpec, TeacherSpec
 from kd_lightning.module import DistillModule
 from kd_lightning.outputs import ModelOutputs
 from kd_lightning.taps import FeatureTaps, TapSpec
+from kd_lightning.teacher_cache import (
+    CacheRefusedError,
+    TeacherCacheConfig,
+    TopKTeacherCache,
+    cache_key,
+    check_cacheable,
+    check_topk_losses,
+    open_or_build_folder,
+    tokenization_settings,
+    write_topk_cache,
+)
+from kd_lightning.teacher_pass import training_split
 from kd_lightning.training import OptimConfig, model_inputs
 
 
@@ -60,6 +78,11 @@ class CausalLMDistillModule(DistillModule):
             vocabularies), compare the first ``min(V_t, V_s)`` logits; otherwise such models
             are refused at start-up.
         eval_chunk_size: token rows per chunk of the validation loss and metrics.
+        teacher_cache: read the teacher on the training split from a top-k cache (``top_k``
+            log-probabilities per response token and the remaining mass, see
+            :mod:`kd_lightning.teacher_cache`) instead of running it each step. Only losses that
+            can run on the reconstructed rows are allowed (row-wise divergences, feature losses,
+            student-only losses); give them a ``chunk_size``.
     """
 
     def __init__(
@@ -73,6 +96,7 @@ class CausalLMDistillModule(DistillModule):
         truncate_vocab: bool = False,
         eval_chunk_size: int | None = 1024,
         nonfinite: Literal["raise", "skip"] = "raise",
+        teacher_cache: TeacherCacheConfig | None = None,
     ) -> None:
         for loss in losses:
             if type(loss) is CrossEntropy:
@@ -80,10 +104,15 @@ class CausalLMDistillModule(DistillModule):
                     f"loss {loss.name!r}: CrossEntropy compares each position's logits with the label at the same "
                     "position; a causal LM predicts the next token: use kd_lightning.losses.NextTokenCrossEntropy"
                 )
+        if teacher_cache is not None:
+            check_topk_losses(losses)
         # Read by build_student_model and shared_outputs during DistillModule.__init__.
         self.truncate_vocab = bool(truncate_vocab)
         self.eval_chunk_size = eval_chunk_size
-        super().__init__(teacher, student, losses, taps=taps, optim=optim, save_teacher=save_teacher, nonfinite=nonfinite)
+        super().__init__(
+            teacher, student, losses, taps=taps, optim=optim, save_teacher=save_teacher,
+            teacher_cache=teacher_cache, nonfinite=nonfinite,
+        )  # fmt: skip
         metrics = language_model_metrics(eval_chunk_size)
         for name in self.task_metric_collections:
             setattr(self, name, metrics.clone(prefix=getattr(self, name).prefix))
@@ -115,14 +144,71 @@ class CausalLMDistillModule(DistillModule):
         taps.clear()
         logits = self.vocabulary_logits(model(**model_inputs(batch), use_cache=False).logits)
         mask = response_token_mask(batch["labels"])
-        return ModelOutputs(logits=logits, features=taps.collect(mask), attention_mask=batch.get("attention_mask"), token_mask=mask)
+        return ModelOutputs(
+            logits=logits, features=taps.collect(mask), attention_mask=batch.get("attention_mask"), token_mask=mask
+        )
 
     def student_outputs(self, batch: Mapping[str, Any]) -> ModelOutputs:
         return self._outputs(self.student, self.student_taps, batch)
 
     def teacher_outputs(self, batch: Mapping[str, Any]) -> ModelOutputs:
+        """The live teacher's outputs; in training with a teacher cache, the cached ones (the
+        logits then a :class:`~kd_lightning.teacher_cache.TopKLogProbs` over the response tokens)."""
+        if self.teacher_cache is not None and self.training:
+            mask = response_token_mask(batch["labels"])
+            cached = self.teacher_cache.read(batch["index"], self.device, token_mask=mask)
+            cached.attention_mask = batch.get("attention_mask")
+            return cached
         with torch.no_grad():
             return self._outputs(self.teacher, self.teacher_taps, batch)
+
+    # ---- teacher cache ---------------------------------------------------------------------------
+    def open_teacher_cache(self, datamodule: Any) -> TopKTeacherCache:
+        """The top-k cache of the teacher on ``datamodule``'s training split, built if missing: one
+        pass of the live teacher step (:meth:`teacher_outputs`) with a progress bar."""
+        from kd_lightning.causal.speculative import SpeculativeKDModule
+        from kd_lightning.models import parameter_fingerprint
+
+        if self.teacher_is_trainable():
+            raise ValueError(
+                f"{type(self).__name__} trains its teacher: its outputs cannot be cached; remove teacher_cache"
+            )
+        if isinstance(self, SpeculativeKDModule):
+            raise CacheRefusedError(
+                f"{type(self).__name__} trains on responses it samples during training, which no cache of the data's "
+                "responses holds; remove teacher_cache (or train with CausalLMDistillModule)"
+            )
+        check_cacheable(datamodule)
+        check_topk_losses(self.losses)
+        dataset, collate = training_split(datamodule)
+        config = self.teacher_cache_config or TeacherCacheConfig()
+        top_k = min(config.top_k, self.num_labels)
+        settings = {
+            "layout": "topk",
+            "top_k": top_k,
+            "vocab_size": self.num_labels,
+            "tokenization": tokenization_settings(datamodule),
+        }
+        key = cache_key(
+            dataset._fingerprint, parameter_fingerprint(self.teacher), self.tap_specs, config.dtype, settings
+        )
+        batch_size = config.batch_size or getattr(datamodule, "eval_batch_size", None) or 8
+        self.teacher.to(self.device)
+
+        def live(batch: Mapping[str, Any]) -> ModelOutputs:
+            return self._outputs(self.teacher, self.teacher_taps, batch)
+
+        def write(folder: Any) -> None:
+            write_topk_cache(
+                folder, live, self.teacher, self.tap_specs, dataset, collate, top_k, self.num_labels, config.dtype,
+                batch_size, key,
+            )  # fmt: skip
+
+        try:
+            cache = open_or_build_folder(TopKTeacherCache, key, config, write)
+        finally:
+            self.teacher_taps.clear()
+        return cache
 
     # ---- evaluation ------------------------------------------------------------------------------
     def supervised_loss(self, logits: Tensor, labels: Tensor) -> Tensor:

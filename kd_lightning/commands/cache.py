@@ -1,8 +1,10 @@
 """``python -m kd_lightning cache --config X.yaml``: build the teacher-output cache of a config.
 
 The config's model must be a ``DistillModule`` (its ``teacher_cache`` settings are used, or
-the defaults when it has none). Prints the cache folder; a later ``fit`` with
-``teacher_cache`` set reads from it.
+the defaults when it has none). A classifier's cache holds every class's logits; a causal LM's
+(``CausalLMDistillModule``) the ``top_k`` log-probabilities of each response token and the
+remaining mass. The teacher pass shows a progress bar; the cache folder is printed with its
+size, and a later ``fit`` with ``teacher_cache`` set reads from it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,22 @@ def main(argv: list[str]) -> Any:
 
     sys.argv = sys.argv[:1]
     cache = build_teacher_cache(KDLightningCLI(args=argv, run=False))
-    print(f"teacher cache: {cache.folder} ({len(cache)} examples, {cache.meta['dtype']})")
+    print(describe(cache))
     return cache
+
+
+def describe(cache: Any) -> str:
+    """One line: the folder, the examples, the dtype, and for top-k caches the tokens, k and bytes per token."""
+    meta = cache.meta
+    line = f"teacher cache: {cache.folder} ({len(cache)} examples, {meta['dtype']}"
+    if meta.get("layout") == "topk":
+        tokens = int(meta["num_tokens"])
+        stored = sum(f.stat().st_size for f in cache.folder.glob("*.npy") if not f.name.startswith("tap."))
+        line += (
+            f", top-{meta['top_k']} of {meta['vocab_size']} log-probabilities for {tokens} response tokens: "
+            f"{stored / max(tokens, 1):.1f} bytes per token"
+        )
+    return line + ")"
 
 
 def build_teacher_cache(cli: Any) -> Any:

@@ -5,6 +5,7 @@ from kd_lightning.data.hub import HubDataModule, HubSchema
 from kd_lightning.data.instruction import InstructionDataModule
 from kd_lightning.data.instruction_sources import INSTRUCTION_SCHEMAS, PACKAGED_INSTRUCTION_SETS
 from kd_lightning.data.packaged import PACKAGED_DATASETS, DataDownloadError, materialize_packaged
+from kd_lightning.data.retrieval import PACKAGED_RETRIEVAL_SETS, RecallAtK, RetrievalDataModule
 from kd_lightning.data.sampling import (
     EpochRandomSampler,
     LengthGroupedBatchSampler,
@@ -19,6 +20,7 @@ __all__ = [
     "INSTRUCTION_SCHEMAS",
     "PACKAGED_DATASETS",
     "PACKAGED_INSTRUCTION_SETS",
+    "PACKAGED_RETRIEVAL_SETS",
     "SENTIMENT_SETS",
     "DataDownloadError",
     "EpochRandomSampler",
@@ -27,8 +29,10 @@ __all__ = [
     "HubSchema",
     "InstructionDataModule",
     "LengthGroupedBatchSampler",
+    "RecallAtK",
     "ResumableBatchSampler",
     "ResumableDataLoader",
+    "RetrievalDataModule",
     "SentimentDataModule",
     "TextClassificationDataModule",
     "materialize_packaged",

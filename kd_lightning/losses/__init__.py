@@ -1,6 +1,7 @@
 """Distillation losses: ``functional`` holds the math, the classes wire it to taps and YAML."""
 
 from kd_lightning.losses.base import DistillLoss, FeatureLoss
+from kd_lightning.losses.comparative import ComparativeFeatureKD, ComparativeKD
 from kd_lightning.losses.dist import DIST
 from kd_lightning.losses.dkd import DKD
 from kd_lightning.losses.features import CosineDistance, ProjectedMSE
@@ -20,12 +21,15 @@ from kd_lightning.losses.nd import NDLoss
 from kd_lightning.losses.next_token import NextTokenCrossEntropy
 from kd_lightning.losses.regression import LabelMSE, ScoreMSE
 from kd_lightning.losses.sinkhorn import SinkhornDistance
+from kd_lightning.losses.wdm import WassersteinDependency
 
 __all__ = [
     "CKA",
     "DIST",
     "DKD",
     "BalancedDivergence",
+    "ComparativeFeatureKD",
+    "ComparativeKD",
     "CosineDistance",
     "CrossEntropy",
     "DistillLoss",
@@ -45,4 +49,5 @@ __all__ = [
     "SkewKLDivergence",
     "SkewReverseKLDivergence",
     "TotalVariationDistance",
+    "WassersteinDependency",
 ]

@@ -15,14 +15,32 @@ arXiv:2410.10989), without fusing the output projection.
 
 Because the gradient is scaled in place, a graph that holds a chunked loss can be
 back-propagated once: ``retain_graph=True`` followed by a second backward raises.
+
+A row input need not be a tensor: any :class:`RowSource` — an object that builds rows on
+demand — is taken a chunk at a time like a tensor and never needs a gradient. The teacher's
+log-probabilities read from a top-k teacher cache
+(:class:`~kd_lightning.teacher_cache.TopKLogProbs`) are one: each chunk's ``chunk x vocab``
+rows are rebuilt from the stored top-k entries when the chunk is computed, so no full
+``tokens x vocab`` teacher tensor is ever made.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+
+class RowSource(Protocol):
+    """Rows made on demand: ``shape`` (rows first), and ``index_select(0, rows)`` / ``[slice]`` giving tensors."""
+
+    shape: torch.Size
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor: ...
+
+    def __getitem__(self, key: Any) -> Tensor: ...
 
 
 class _ChunkedRowMean(torch.autograd.Function):
@@ -33,7 +51,10 @@ class _ChunkedRowMean(torch.autograd.Function):
         wants = [ctx.needs_input_grad[3 + i] for i in range(len(rows))]
         kept = keep.nonzero().squeeze(1) if keep is not None else None
         count = int(kept.numel()) if kept is not None else rows[0].shape[0]
-        grads = [torch.zeros(r.shape, dtype=r.dtype, device=r.device) if w else None for r, w in zip(rows, wants, strict=True)]
+        grads = [
+            torch.zeros(r.shape, dtype=r.dtype, device=r.device) if w else None
+            for r, w in zip(rows, wants, strict=True)
+        ]
         total: Tensor | None = None
         for start in range(0, count, chunk_size):
             if kept is None:
@@ -79,7 +100,7 @@ class _ChunkedRowMean(torch.autograd.Function):
 
 
 def chunked_row_mean(
-    per_row: Callable[..., Tensor], rows: Sequence[Tensor], keep: Tensor | None, chunk_size: int
+    per_row: Callable[..., Tensor], rows: Sequence[Tensor | RowSource], keep: Tensor | None, chunk_size: int
 ) -> Tensor:
     """``1/|K| sum_{r in K} per_row(rows[0][r], rows[1][r], ...)`` over the kept rows ``K``, in chunks.
 
@@ -87,7 +108,8 @@ def chunked_row_mean(
         per_row: maps row slices (each ``(chunk, ...)``) to the ``(chunk,)`` values of the loss;
             any float computation, differentiable in the inputs that need a gradient.
         rows: tensors with the same first dimension (views are fine: nothing is copied but the
-            chunk being computed); those that require a gradient get one.
+            chunk being computed); those that require a gradient get one. A :class:`RowSource`
+            builds each chunk's rows when the chunk is computed (no gradient).
         keep: ``(rows,)`` boolean mask of the rows that count, or ``None`` for all. No kept row
             gives 0 (and zero gradients), not NaN.
         chunk_size: kept rows per chunk.

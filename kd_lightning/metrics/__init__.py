@@ -2,10 +2,12 @@
 
 from kd_lightning.metrics.alignment import CrossLayerCKA, RepresentationMoments, StreamingLinearCKA, StreamingProcrustes
 from kd_lightning.metrics.calibration import ReliabilityBins, ReliabilityCurve
+from kd_lightning.metrics.retrieval import RecallAtK, retrieval_metrics
 from kd_lightning.metrics.task import class_probabilities, classification_metrics
 
 __all__ = [
     "CrossLayerCKA",
+    "RecallAtK",
     "ReliabilityBins",
     "ReliabilityCurve",
     "class_probabilities",
@@ -13,4 +15,5 @@ __all__ = [
     "RepresentationMoments",
     "StreamingLinearCKA",
     "StreamingProcrustes",
+    "retrieval_metrics",
 ]
