@@ -31,7 +31,7 @@ def write_tiny_bert(folder: Path, num_labels: int = 2, layers: int = 2, hidden: 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(WORDS) + 5,

@@ -37,7 +37,7 @@ def write_tiny_bert(folder: Path) -> Path:
         max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(folder)
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(vocab), do_lower_case=True).save_pretrained(folder)
     return folder
 
 

@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 
 from kd_lightning import DistillModule, StudentSpec, TapSpec, TeacherSpec
 from kd_lightning.data import TextClassificationDataModule
@@ -76,6 +77,62 @@ def quiet_trainer(root: Path, **overrides: Any) -> pl.Trainer:
     }
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+#: ``fit_config`` overrides for the tiny text-classification data: short rows, small batches.
+TINY_TEXT_DATA = ("--data.init_args.max_length=16", "--data.init_args.batch_size=8")
+
+
+def fit_config(
+    config: Path | str,
+    teacher: Path | str,
+    *overrides: str,
+    layers: str = "[0]",
+    data_files: Path | str | dict[str, str] | None = None,
+    limit_val_batches: int | None = 1,
+) -> Any:
+    """``kd_lightning fit`` on a shipped ``config`` for two steps (validation at step 2, no sanity
+    check, no progress bar or model summary), with the tiny ``teacher`` swapped in (the student
+    copies its ``layers``) and, when given, local ``data_files`` for the config's data set.
+    ``overrides``: further ``--key=value`` arguments. Returns the CLI."""
+    from kd_lightning.cli import main
+
+    data = [] if data_files is None else ["--data.init_args.dataset=null", f"--data.init_args.data_files={data_files}"]
+    limit = [] if limit_val_batches is None else [f"--trainer.limit_val_batches={limit_val_batches}"]
+    return main(
+        [
+            "fit", "--config", str(config),
+            f"--model.init_args.teacher.name_or_path={teacher}",
+            f"--model.init_args.student.from_teacher_layers={layers}",
+            *data,
+            *overrides,
+            *limit,
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )  # fmt: skip
+
+
+def interrupt_cache_build(module: Any, data: Any, root: Path) -> None:
+    """Kill ``module``'s teacher-cache build at the teacher's second forward pass and check that
+    nothing is left under ``root`` that could pass for a complete cache."""
+    calls = []
+
+    def crash(module_, args, output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed during the build")
+
+    handle = module.teacher.register_forward_hook(crash)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            module.open_teacher_cache(data)
+    finally:
+        handle.remove()
+    assert not root.exists() or list(root.iterdir()) == []
 
 
 def load_benchmark(name: str) -> ModuleType:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import interrupt_cache_build
 from loss_testing import one_thread  # noqa: F401
 from test_cli import scalars
 
@@ -276,18 +277,7 @@ def test_an_interrupted_build_leaves_no_complete_looking_cache(tiny_llama, instr
     root = tmp_path / "caches"
     module = cached_module(tiny_llama, root)
     data = instruction_data(tiny_llama, instruction_files)
-    calls = []
-
-    def crash(module_, args, output):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed during the build")
-
-    handle = module.teacher.register_forward_hook(crash)
-    with pytest.raises(KeyboardInterrupt):
-        module.open_teacher_cache(data)
-    handle.remove()
-    assert not root.exists() or list(root.iterdir()) == []
+    interrupt_cache_build(module, data, root)
     module.teacher_cache_config = TeacherCacheConfig(root=str(root), build=False)
     with pytest.raises(FileNotFoundError, match="no teacher cache.*python -m kd_lightning cache"):
         module.open_teacher_cache(data)

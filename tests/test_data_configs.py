@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import TINY_TEXT_DATA, fit_config
 
 from kd_lightning.cli import main
 from kd_lightning.data import GLUE_TASKS, SENTIMENT_SETS, GlueDataModule
@@ -75,21 +76,7 @@ def test_print_config_through_python_dash_m():
 
 
 def run_glue_config(task: str, encoder: Path) -> None:
-    main(
-        [
-            "fit",
-            "--config",
-            str(REPO / f"configs/glue/{task}.yaml"),
-            f"--model.init_args.teacher.name_or_path={encoder}",
-            "--model.init_args.student.from_teacher_layers=[0]",
-            "--data.init_args.max_length=16",
-            "--data.init_args.batch_size=8",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-        ]
-    )
+    fit_config(REPO / f"configs/glue/{task}.yaml", encoder, *TINY_TEXT_DATA)
 
 
 def test_a_glue_config_runs_end_to_end(hub, tiny_encoder, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import TINY_TEXT_DATA, fit_config
 
 from kd_lightning.cli import main
 
@@ -38,21 +39,7 @@ def test_config_parses_and_trains_two_steps(name, tiny_bert, tiny_csv, tmp_path,
     assert model["student"]["from_teacher_layers"] == [0, 5]
     assert printed["data"]["init_args"]["dataset"] == "packaged/rotten_tomatoes"
 
-    cli = main(
-        [
-            "fit", "--config", str(config),
-            f"--model.init_args.teacher.name_or_path={tiny_bert}",
-            "--model.init_args.student.from_teacher_layers=[0]",
-            "--data.init_args.dataset=null",
-            f"--data.init_args.data_files={tiny_csv}",
-            "--data.init_args.max_length=16",
-            "--data.init_args.batch_size=8",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-        ]
-    )  # fmt: skip
+    cli = fit_config(config, tiny_bert, *TINY_TEXT_DATA, data_files=tiny_csv)
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics[f"train/loss/{term}"]) and torch.isfinite(metrics["train/loss"])

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import csv_datamodule, quiet_trainer
+from helpers import TINY_TEXT_DATA, csv_datamodule, fit_config, quiet_trainer
 
 from kd_lightning import StudentSpec, TeacherSpec
 from kd_lightning.callbacks import DPKShareSchedule
@@ -310,29 +310,14 @@ def test_the_cka_schedule_sets_the_share_per_step_and_evaluation_injects_nothing
 
 # ---- the config ------------------------------------------------------------------------------
 def test_the_config_parses_and_trains_two_steps(tiny_bert, tiny_csv, tmp_path, monkeypatch):
-    from kd_lightning.cli import main
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kd_lightning"])
-    cli = main(
-        [
-            "fit",
-            "--config", str(REPO / "configs/methods/dpk.yaml"),
-            f"--model.init_args.teacher.name_or_path={tiny_bert}",
-            "--model.init_args.student.from_teacher_layers=[0, 1]",
-            "--model.init_args.teacher_layer=bert.encoder.layer.0",
-            "--model.init_args.teacher_target=bert.encoder.layer.1",
-            "--data.init_args.dataset=null",
-            f"--data.init_args.data_files={tiny_csv}",
-            "--data.init_args.max_length=16",
-            "--data.init_args.batch_size=8",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ]
+    cli = fit_config(
+        REPO / "configs/methods/dpk.yaml", tiny_bert,
+        "--model.init_args.teacher_layer=bert.encoder.layer.0",
+        "--model.init_args.teacher_target=bert.encoder.layer.1",
+        *TINY_TEXT_DATA,
+        layers="[0, 1]", data_files=tiny_csv,
     )  # fmt: skip
     module, trainer = cli.model, cli.trainer
     assert isinstance(module, DPKModule) and module.prior_pass == "separate"

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from conftest import WORDS
+from helpers import fit_config
 from test_cli import scalars
 
 from kd_lightning import ModelOutputs, StudentSpec, TeacherSpec
@@ -292,26 +293,17 @@ def test_the_config_fits_through_the_cli(encoder, pair_files, tmp_path, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kd_lightning"])
-    main(
-        [
-            "fit", "--config", str(CONFIG),
-            f"--model.init_args.teacher.name_or_path={encoder}",
-            "--model.init_args.student.from_teacher_layers=[0]",
-            "--data.init_args.dataset=null",
-            f"--data.init_args.data_files={pair_files['train']}",
-            "--data.init_args.query_column=question",
-            "--data.init_args.document_column=answer",
-            "--data.init_args.max_query_length=6",
-            "--data.init_args.max_document_length=12",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.validation_fraction=0.25",
-            "--trainer.max_epochs=1",
-            "--trainer.max_steps=2",
-            "--trainer.val_check_interval=2",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-        ]
+    fit_config(
+        CONFIG, encoder,
+        "--data.init_args.query_column=question",
+        "--data.init_args.document_column=answer",
+        "--data.init_args.max_query_length=6",
+        "--data.init_args.max_document_length=12",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.validation_fraction=0.25",
+        "--trainer.max_epochs=1",
+        "--trainer.log_every_n_steps=1",
+        data_files=pair_files["train"], limit_val_batches=None,
     )  # fmt: skip
     logged = scalars("runs/retrieval/embed_distill/version_0")
     for tag in ("train/loss/in_batch_contrastive", "train/loss/score_distillation", "train/loss/query_embedding_matching",

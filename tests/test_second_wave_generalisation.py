@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import csv_datamodule, distill_module, quiet_trainer
+from helpers import TINY_TEXT_DATA, csv_datamodule, distill_module, fit_config, quiet_trainer
 from loss_testing import one_thread  # noqa: F401
 from scipy import stats
 
@@ -177,27 +177,11 @@ def test_default_taps_are_the_module_student_taps_or_every_layer(tiny_bert):
 
 
 def test_the_config_parses_and_trains_two_steps(tiny_bert, tiny_csv, tmp_path, monkeypatch):
-    from kd_lightning.cli import main
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kd_lightning"])
-    cli = main(
-        [
-            "fit",
-            "--config", str(REPO / "configs/methods/generalisation_diagnostic.yaml"),
-            f"--model.init_args.teacher.name_or_path={tiny_bert}",
-            "--model.init_args.student.from_teacher_layers=[0, 1]",
-            "--data.init_args.dataset=null",
-            f"--data.init_args.data_files={tiny_csv}",
-            "--data.init_args.max_length=16",
-            "--data.init_args.batch_size=8",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ]
+    cli = fit_config(
+        REPO / "configs/methods/generalisation_diagnostic.yaml", tiny_bert, *TINY_TEXT_DATA,
+        layers="[0, 1]", data_files=tiny_csv,
     )  # fmt: skip
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, GeneralisationDiagnostic)]
     assert len(callbacks) == 1 and callbacks[0].num_directions == 128 and callbacks[0].p == 2.0

@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import fit_config, quiet_trainer
 from test_cli import scalars
 
 from kd_lightning import StudentSpec, TapSpec, TeacherSpec
 from kd_lightning.causal import PromptKDModule
 from kd_lightning.causal.module import response_token_mask
 from kd_lightning.causal.promptkd import prompt_init_ids, sample_responses
-from kd_lightning.cli import main
 from kd_lightning.data import InstructionDataModule
 from kd_lightning.data.instruction import positions_from_mask
 
@@ -233,26 +232,17 @@ def test_bad_settings_fail_with_the_fix(tiny_llama):
 def test_the_quick_config_trains_a_few_steps_through_the_cli(tiny_llama, instruction_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kd_lightning"])
-    main(
-        [
-            "fit", "--config", str(REPO / "configs/causal_lm/promptkd_quick.yaml"),
-            f"--model.init_args.teacher.name_or_path={tiny_llama}",
-            "--model.init_args.student.from_teacher_layers=[0, 2]",
-            "--model.init_args.max_new_tokens=4",
-            "--model.init_args.prompt_chunk_size=16",
-            "--data.init_args.dataset=null",
-            f"--data.init_args.data_files={instruction_files['train']}",
-            "--data.init_args.max_length=40",
-            "--data.init_args.max_prompt_length=20",
-            "--data.init_args.max_train_samples=null",
-            "--data.init_args.max_eval_samples=8",
-            "--trainer.max_epochs=1",
-            "--trainer.max_steps=2",
-            "--trainer.val_check_interval=2",
-            "--trainer.log_every_n_steps=1",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-        ]
+    fit_config(
+        REPO / "configs/causal_lm/promptkd_quick.yaml", tiny_llama,
+        "--model.init_args.max_new_tokens=4",
+        "--model.init_args.prompt_chunk_size=16",
+        "--data.init_args.max_length=40",
+        "--data.init_args.max_prompt_length=20",
+        "--data.init_args.max_train_samples=null",
+        "--data.init_args.max_eval_samples=8",
+        "--trainer.max_epochs=1",
+        "--trainer.log_every_n_steps=1",
+        layers="[0, 2]", data_files=instruction_files["train"], limit_val_batches=None,
     )  # fmt: skip
     logged = scalars("runs/causal_lm_promptkd_quick/version_0")
     for tag in ("train/loss/reverse_kl_divergence", "train/loss/prompt_student", "train/loss/prompt_regularizer",

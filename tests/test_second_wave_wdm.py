@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_TEXT_DATA, fit_config
 from loss_testing import one_thread  # noqa: F401
 from torch.nn.utils import parametrize
 
@@ -254,28 +255,12 @@ def test_degenerate_batches_and_bad_settings():
 
 # ---- the config ------------------------------------------------------------------------------
 def test_the_config_parses_and_trains_two_steps(tiny_bert, tiny_csv, tmp_path, monkeypatch):
-    from kd_lightning.cli import main
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["kd_lightning"])
-    cli = main(
-        [
-            "fit",
-            "--config", str(REPO / "configs/methods/wdm.yaml"),
-            f"--model.init_args.teacher.name_or_path={tiny_bert}",
-            "--model.init_args.student.from_teacher_layers=[0, 1]",
-            "--model.init_args.taps.t_l5.path=bert.encoder.layer.1",
-            "--data.init_args.dataset=null",
-            f"--data.init_args.data_files={tiny_csv}",
-            "--data.init_args.max_length=16",
-            "--data.init_args.batch_size=8",
-            "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=1",
-            "--trainer.val_check_interval=2",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-        ]
+    cli = fit_config(
+        REPO / "configs/methods/wdm.yaml", tiny_bert,
+        "--model.init_args.taps.t_l5.path=bert.encoder.layer.1", *TINY_TEXT_DATA,
+        layers="[0, 1]", data_files=tiny_csv,
     )  # fmt: skip
     module, trainer = cli.model, cli.trainer
     loss = module.losses[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import csv_datamodule, distill_module, quiet_trainer
+from helpers import csv_datamodule, distill_module, interrupt_cache_build, quiet_trainer
 
 from kd_lightning import TapSpec
 from kd_lightning.losses import CrossEntropy, KLDivergence, ProjectedMSE
@@ -105,18 +105,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tiny_bert, tiny_cs
     root = tmp_path / "cache"
     module = cached_module(tiny_bert, root)
     data = prepared(tiny_bert, tiny_csv)
-    calls = []
-
-    def crash(module_, args, output):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed during the build")
-
-    handle = module.teacher.register_forward_hook(crash)
-    with pytest.raises(KeyboardInterrupt):
-        module.open_teacher_cache(data)
-    handle.remove()
-    assert not root.exists() or list(root.iterdir()) == []
+    interrupt_cache_build(module, data, root)
     with pytest.raises(FileNotFoundError, match="no teacher cache"):
         cached_module(
             tiny_bert, root, teacher_cache=TeacherCacheConfig(root=str(root), build=False)

@@ -6,13 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
+from kd_lightning.callbacks.validation_batches import ValidationBatchReader
 from kd_lightning.metrics.alignment import StreamingLinearCKA, StreamingProcrustes
 from kd_lightning.outputs import ModelOutputs
 
 
-class AlignmentLogger(pl.Callback):
+class AlignmentLogger(ValidationBatchReader):
     """Linear CKA and Procrustes distance between tap pairs, over each whole validation run.
 
     Logs ``val/align/<name>/cka`` and ``val/align/<name>/procrustes`` (``2 - 2 ||T^T S||_*``
@@ -52,18 +52,7 @@ class AlignmentLogger(pl.Callback):
             for metric in metrics:
                 metric.reset()
 
-    @torch.no_grad()
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if trainer.sanity_checking:
-            return
+    def read_validation_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         student = outputs if isinstance(outputs, ModelOutputs) else pl_module.student_outputs(batch)
         teacher = pl_module.teacher_outputs(batch)
         for name, (student_tap, teacher_tap) in self.pairs.items():

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from kd_lightning.callbacks.validation_batches import ValidationBatchReader
 from kd_lightning.metrics import CrossLayerCKA, ReliabilityBins, ReliabilityCurve
 from kd_lightning.models import find_layer_stack
 from kd_lightning.taps import FeatureTaps, TapSpec, resolve_submodule
@@ -23,7 +23,7 @@ def layer_paths(model: nn.Module) -> list[str]:
     return [f"{name}.{i}" for i in range(len(stack))]
 
 
-class ValidationDiagnostics(pl.Callback):
+class ValidationDiagnostics(ValidationBatchReader):
     """Draws, at the end of every validation, what the scalars cannot show:
 
     - ``val/layer_cka``: linear CKA (Kornblith et al., 2019) between every teacher layer (rows)
@@ -125,18 +125,7 @@ class ValidationDiagnostics(pl.Callback):
                 metric.reset()
         self._attach(pl_module)
 
-    @torch.no_grad()
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if trainer.sanity_checking:
-            return
+    def read_validation_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
         mask = batch.get("attention_mask")
         student_layers = self._layers("student", mask)
         student_logits, self._student_logits = self._student_logits, None

@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.callbacks.validation_batches import ValidationBatchReader
 from kd_lightning.taps import FeatureTaps, TapSpec, resolve_submodule
 
 
@@ -76,7 +77,7 @@ def sliced_wasserstein(x: Tensor, y: Tensor, directions: Tensor, p: float = 2.0)
 
 
 # ---- the callback -------------------------------------------------------------------------------
-class GeneralisationDiagnostic(pl.Callback):
+class GeneralisationDiagnostic(ValidationBatchReader):
     """At the end of each validation, log ``val/generalisation/sw/<tap>``: the sliced
     Wasserstein distance ``SW_p = (1/L sum_l W_p^p(theta_l . X_train, theta_l . X_val))^(1/p)``
     between one student layer's pooled representations of a fixed training subset and of the
@@ -184,17 +185,8 @@ class GeneralisationDiagnostic(pl.Callback):
     def _specs(self) -> dict[str, TapSpec]:
         return {name: TapSpec("student", path, self.reduce) for name, path in self.paths.items()}
 
-    @torch.no_grad()
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if trainer.sanity_checking or self._taps is None:
+    def read_validation_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any) -> None:
+        if self._taps is None:
             return
         for name, rows in self._taps.collect(batch.get("attention_mask")).items():
             self._rows[name].append(rows.detach().float())

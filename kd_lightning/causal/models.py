@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from kd_lightning.models.building import StudentSpec, copied_student, load_config, load_tokenizer, model_from_config
+from kd_lightning.models.building import StudentSpec, build_headless_student, load_tokenizer
 from kd_lightning.models.packaged import resolve_model_path
 
 
@@ -21,14 +20,7 @@ def build_causal_student(spec: StudentSpec, teacher: PreTrainedModel) -> PreTrai
     """The student LM described by ``spec``: chosen teacher layers (weights copied, tied embeddings
     kept), a checkpoint, or the teacher's config (or ``name_or_path``'s) with ``config_overrides``
     (random initialisation)."""
-    copied = copied_student(spec, teacher)
-    if copied is not None:
-        return copied
-    overrides = dict(spec.config_overrides or {})
-    if spec.name_or_path is not None and not overrides:
-        return load_causal_lm(spec.name_or_path)
-    config = load_config(spec.name_or_path) if spec.name_or_path is not None else copy.deepcopy(teacher.config)
-    return model_from_config(config, overrides, AutoModelForCausalLM)
+    return build_headless_student(spec, teacher, load_causal_lm, AutoModelForCausalLM)
 
 
 def student_tokenizer(spec: StudentSpec, teacher_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

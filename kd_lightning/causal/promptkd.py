@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.causal.module import CausalLMDistillModule, response_token_mask
-from kd_lightning.causal.speculative import InterleavedSample, pick_tokens, with_responses
+from kd_lightning.causal.speculative import InterleavedSample, pick_tokens, with_student_samples
 from kd_lightning.data.instruction import positions_from_mask
 from kd_lightning.losses import functional
 from kd_lightning.losses.base import DistillLoss
@@ -297,19 +297,14 @@ class PromptKDModule(CausalLMDistillModule):
 
     def sampled_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], InterleavedSample]:
         """``batch`` with the data's responses replaced by the student's samples (student in eval mode meanwhile)."""
-        tokenizer = self.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_step)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            sample = sample_responses(
+
+        def draw(pad: int, generator: torch.Generator) -> InterleavedSample:
+            return sample_responses(
                 self.student, batch["prompt_input_ids"], batch["prompt_attention_mask"], self.max_new_tokens,
-                tokenizer.eos_token_id, pad, self.num_labels, self.temperature, generator,
+                self.tokenizer.eos_token_id, pad, self.num_labels, self.temperature, generator,
             )  # fmt: skip
-        finally:
-            self.student.train(was_training)
-        return with_responses(batch, sample, pad), sample
+
+        return with_student_samples(self, batch, draw)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         size = batch["input_ids"].shape[0]

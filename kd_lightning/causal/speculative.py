@@ -21,7 +21,7 @@ data's responses (supervised KD), in a fixed interleaving (step ``s`` is specula
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,6 +147,27 @@ def with_responses(batch: Mapping[str, Any], sample: InterleavedSample, pad_toke
     }
 
 
+def with_student_samples(
+    module: CausalLMDistillModule,
+    batch: Mapping[str, Any],
+    draw: Callable[[int, torch.Generator], InterleavedSample],
+) -> tuple[dict[str, Any], InterleavedSample]:
+    """``batch`` with its responses replaced by ``draw(pad_token_id, generator)``'s sample: drawn
+    with ``module``'s student in eval mode meanwhile and a generator seeded by ``module.seed``
+    offset by the global step (reproducible, resumable); padded with the tokenizer's padding
+    token, else its end token."""
+    tokenizer = module.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator = torch.Generator(device=module.device).manual_seed(module.seed + module.global_step)
+    was_training = module.student.training
+    module.student.eval()
+    try:
+        sample = draw(pad, generator)
+    finally:
+        module.student.train(was_training)
+    return with_responses(batch, sample, pad), sample
+
+
 def is_speculative_step(step: int, fraction: float) -> bool:
     """Whether training step ``step`` uses sampled responses: ``floor((s + 1) f) > floor(s f)``
     spreads a fraction ``f`` of the steps evenly (every step for 1, none for 0)."""
@@ -211,20 +232,15 @@ class SpeculativeKDModule(CausalLMDistillModule):
 
     def speculative_batch(self, batch: Mapping[str, Any]) -> tuple[dict[str, Any], InterleavedSample]:
         """``batch`` with its responses replaced by interleaved samples (student in eval mode meanwhile)."""
-        tokenizer = self.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_step)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            sample = interleaved_sampling(
+
+        def draw(pad: int, generator: torch.Generator) -> InterleavedSample:
+            return interleaved_sampling(
                 self.student, self.teacher, batch["prompt_input_ids"], batch["prompt_attention_mask"],
-                self.max_new_tokens, self.top_k, tokenizer.eos_token_id, pad, self.num_labels,
+                self.max_new_tokens, self.top_k, self.tokenizer.eos_token_id, pad, self.num_labels,
                 self.proposal, self.replacement, self.temperature, generator,
             )  # fmt: skip
-        finally:
-            self.student.train(was_training)
-        return with_responses(batch, sample, pad), sample
+
+        return with_student_samples(self, batch, draw)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         speculative = is_speculative_step(self.global_step, self.student_fraction)

@@ -27,12 +27,10 @@ example stays in the split's ``reference`` column, for ROUGE-L against generatio
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -45,8 +43,7 @@ from kd_lightning.data.instruction_sources import (
     InstructionSchema,
     schema_for,
 )
-from kd_lightning.data.packaged import materialize_packaged
-from kd_lightning.data.text_classification import SPLITS, TextClassificationDataModule, _digest
+from kd_lightning.data.text_classification import TextClassificationDataModule, _digest, _map_rows
 from kd_lightning.losses.functional import IGNORE_INDEX
 from kd_lightning.metrics.language_modeling import language_model_metrics
 
@@ -200,6 +197,7 @@ class InstructionDataModule(TextClassificationDataModule):
     """
 
     packaged_sets = PACKAGED_INSTRUCTION_SETS
+    data_kind = "instruction data set"
 
     def __init__(
         self,
@@ -278,35 +276,11 @@ class InstructionDataModule(TextClassificationDataModule):
         return "min"
 
     # ---- loading -------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if self.dataset_name in PACKAGED_INSTRUCTION_SETS:
-            self._materialize()
-
-    def _materialize(self) -> Any:
-        return materialize_packaged(
-            self.dataset_name, self.split_seed, self.validation_fraction, self.test_fraction, PACKAGED_INSTRUCTION_SETS
+    def _offline_choices(self) -> str:
+        return (
+            f"{' or '.join(PACKAGED_INSTRUCTION_SETS)}, or data_files in the set's layout with schema: "
+            f"<one of {', '.join(INSTRUCTION_SCHEMAS)}>."
         )
-
-    def load_raw(self) -> Any:
-        """The source splits as a ``datasets.DatasetDict``, before formatting."""
-        import datasets
-
-        if self.dataset_name in PACKAGED_INSTRUCTION_SETS:
-            folder = self._materialize()
-            self.split_record = json.loads((folder / "splits.json").read_text())
-            return datasets.load_dataset("parquet", data_files={s: str(folder / f"{s}.parquet") for s in SPLITS})
-        if self.data_files is not None:
-            return super().load_raw()
-        kwargs = {"revision": self.revision} if self.revision else {}
-        try:
-            return datasets.load_dataset(self.dataset_name, self.dataset_config, **kwargs)
-        except Exception as err:
-            raise ValueError(
-                f"cannot load the instruction data set {self.dataset_name!r}"
-                f"{f' ({self.dataset_config})' if self.dataset_config else ''} from the hub: {err}. Offline, use "
-                f"{' or '.join(PACKAGED_INSTRUCTION_SETS)}, or data_files in the set's layout with schema: "
-                f"<one of {', '.join(INSTRUCTION_SCHEMAS)}>."
-            ) from err
 
     def _check_source_columns(self, split: str, data: Any) -> None:
         missing = [c for c in self.schema.row_columns if c not in data.column_names]
@@ -321,14 +295,8 @@ class InstructionDataModule(TextClassificationDataModule):
 
     def _examples(self, split: str, data: Any) -> Any:
         """The split as ``instruction``/``input``/``output``/``source_row`` rows."""
-        return data.map(
-            self.schema.triples,
-            batched=True,
-            with_indices=True,
-            remove_columns=data.column_names,
-            new_fingerprint=_digest(data._fingerprint, "instruction-triples", repr(self.schema)),
-            desc=f"Reading {split} examples",
-        )
+        fingerprint = _digest(data._fingerprint, "instruction-triples", repr(self.schema))
+        return _map_rows(data, self.schema.triples, fingerprint, f"Reading {split} examples")
 
     def _tokenize_examples(self, split: str, data: Any) -> Any:
         """Prompt and response ids, response-only labels; prompts over ``max_prompt_length`` left out."""
@@ -350,9 +318,7 @@ class InstructionDataModule(TextClassificationDataModule):
             return out
 
         fingerprint = _digest(data._fingerprint, self._tokenizer_key(), prompt_format.chat, max_length, max_prompt)
-        return data.map(
-            encode, batched=True, remove_columns=data.column_names, new_fingerprint=fingerprint, desc=f"Tokenising {split}"
-        )
+        return _map_rows(data, encode, fingerprint, f"Tokenising {split}", with_indices=False)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -365,11 +331,7 @@ class InstructionDataModule(TextClassificationDataModule):
         dropped = {}
         for split, data in splits.items():
             self._check_source_columns(split, data)
-            examples = self._examples(split, data)
-            limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            if limit is not None and limit < len(examples):  # a seeded subset in the split's order
-                keep = np.sort(np.random.default_rng(self.split_seed).permutation(len(examples))[:limit])
-                examples = examples.select(keep.tolist())
+            examples = self._subset(split, self._examples(split, data))
             tokenized = self._tokenize_examples(split, examples)
             if len(tokenized) == 0:
                 raise ValueError(

@@ -22,12 +22,10 @@ conversations stays in one split), like the other packaged sets.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -36,8 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.data.data_collator import pad_without_fast_tokenizer_warning
 
 from kd_lightning.data.instruction_sources import PACKAGED_INSTRUCTION_SETS
-from kd_lightning.data.packaged import materialize_packaged
-from kd_lightning.data.text_classification import SPLITS, TextClassificationDataModule, _column, _digest
+from kd_lightning.data.text_classification import TextClassificationDataModule, _column, _digest, _map_rows
 from kd_lightning.metrics.retrieval import RecallAtK, check_cutoffs, retrieval_metrics
 from kd_lightning.suggestions import did_you_mean
 
@@ -136,6 +133,7 @@ class RetrievalDataModule(TextClassificationDataModule):
     """
 
     packaged_sets = PACKAGED_RETRIEVAL_SETS
+    data_kind = "retrieval data set"
 
     def __init__(
         self,
@@ -203,35 +201,11 @@ class RetrievalDataModule(TextClassificationDataModule):
         return "max"
 
     # ---- loading -------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if self.dataset_name in PACKAGED_RETRIEVAL_SETS:
-            self._materialize()
-
-    def _materialize(self) -> Any:
-        return materialize_packaged(
-            self.dataset_name, self.split_seed, self.validation_fraction, self.test_fraction, PACKAGED_RETRIEVAL_SETS
+    def _offline_choices(self) -> str:
+        return (
+            f"{' or '.join(PACKAGED_RETRIEVAL_SETS)}, or data_files with a {self.query_column!r} and a "
+            f"{self.document_column!r} column."
         )
-
-    def load_raw(self) -> Any:
-        """The source splits as a ``datasets.DatasetDict``, before ids and tokens."""
-        import datasets
-
-        if self.dataset_name in PACKAGED_RETRIEVAL_SETS:
-            folder = self._materialize()
-            self.split_record = json.loads((folder / "splits.json").read_text())
-            return datasets.load_dataset("parquet", data_files={s: str(folder / f"{s}.parquet") for s in SPLITS})
-        if self.data_files is not None:
-            return super().load_raw()
-        kwargs = {"revision": self.revision} if self.revision else {}
-        try:
-            return datasets.load_dataset(self.dataset_name, self.dataset_config, **kwargs)
-        except Exception as err:
-            raise ValueError(
-                f"cannot load the retrieval data set {self.dataset_name!r}"
-                f"{f' ({self.dataset_config})' if self.dataset_config else ''} from the hub: {err}. Offline, use "
-                f"{' or '.join(PACKAGED_RETRIEVAL_SETS)}, or data_files with a {self.query_column!r} and a "
-                f"{self.document_column!r} column."
-            ) from err
 
     def _check_columns(self, split: str, data: Any) -> None:
         missing = [c for c in (self.query_column, self.document_column) if c not in data.column_names]
@@ -281,28 +255,13 @@ class RetrievalDataModule(TextClassificationDataModule):
         fingerprint = _digest(
             data._fingerprint, self._tokenizer_key(), "retrieval", query, document, max_query, max_document
         )
-        return data.map(
-            encode,
-            batched=True,
-            with_indices=True,
-            remove_columns=data.column_names,
-            new_fingerprint=fingerprint,
-            desc=f"Tokenising {split} queries and documents",
-        )
+        return _map_rows(data, encode, fingerprint, f"Tokenising {split} queries and documents")
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.tokenizer is None:
-            self.tokenizer = self._resolve_tokenizer()
-        splits = self._named_splits(self.load_raw())
-        for split, data in splits.items():
-            self._check_columns(split, data)
-        for split, data in splits.items():
-            limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            if limit is not None and limit < len(data):  # a seeded subset in the split's order
-                keep = np.sort(np.random.default_rng(self.split_seed).permutation(len(data))[:limit])
-                data = data.select(keep.tolist())
+        for split, data in self._checked_splits().items():
+            data = self._subset(split, data)
             self._check_texts(split, data)
             self.datasets[split] = self._tokenize_pairs(split, self._with_ids(data))
         self.split_record["sizes_used"] = {split: len(d) for split, d in self.datasets.items()}

@@ -122,6 +122,19 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
+def _map_rows(data: Any, encode: Any, fingerprint: str, desc: str, with_indices: bool = True) -> Any:
+    """``data`` with its columns replaced by those ``encode`` returns for batches of rows (and
+    their indices when ``with_indices``), cached by ``datasets`` under ``fingerprint``."""
+    return data.map(
+        encode,
+        batched=True,
+        with_indices=with_indices,
+        remove_columns=data.column_names,
+        new_fingerprint=fingerprint,
+        desc=desc,
+    )
+
+
 def _column(data: Any, name: str) -> Any:
     """One column as a pyarrow array (respects ``select``; no cache file is written)."""
     return data.with_format("arrow")[name]
@@ -181,6 +194,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     #: The offline sets ``dataset: packaged/<name>`` may name (task data modules have their own).
     packaged_sets: Mapping[str, Any] = PACKAGED_DATASETS
+    #: What the data is called in messages (``cannot load the <data_kind> ...``).
+    data_kind: str = "data set"
 
     def __init__(
         self,
@@ -281,17 +296,25 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     # ---- loading -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.dataset_name in PACKAGED_DATASETS:
-            materialize_packaged(self.dataset_name, self.split_seed, self.validation_fraction, self.test_fraction)
+        if self.dataset_name in self.packaged_sets:
+            self._materialize()
+
+    def _materialize(self) -> Path:
+        """Write (once) the seeded splits of the packaged set ``dataset``; returns their folder."""
+        return materialize_packaged(
+            self.dataset_name, self.split_seed, self.validation_fraction, self.test_fraction, self.packaged_sets
+        )
 
     def load_raw(self) -> Any:
         """The source splits as a ``datasets.DatasetDict`` (before carving, labels or tokens)."""
         import datasets
 
-        if self.dataset_name in PACKAGED_DATASETS:
-            folder = materialize_packaged(self.dataset_name, self.split_seed, self.validation_fraction, self.test_fraction)
+        if self.dataset_name in self.packaged_sets:
+            folder = self._materialize()
             self.split_record = json.loads((folder / "splits.json").read_text())
-            self.label_names = self.label_names or list(PACKAGED_DATASETS[self.dataset_name].label_names)
+            packaged_names = self.packaged_sets[self.dataset_name].label_names
+            if packaged_names:  # the task sets (instructions, retrieval pairs) have none
+                self.label_names = self.label_names or list(packaged_names)
             files = {split: str(folder / f"{split}.parquet") for split in SPLITS}
             return datasets.load_dataset("parquet", data_files=files)
         if self.data_files is not None:
@@ -332,11 +355,14 @@ class TextClassificationDataModule(pl.LightningDataModule):
             return datasets.load_dataset(self.dataset_name, self.dataset_config, **kwargs)
         except Exception as err:
             raise ValueError(
-                f"cannot load the data set {self.dataset_name!r}"
+                f"cannot load the {self.data_kind} {self.dataset_name!r}"
                 f"{f' ({self.dataset_config})' if self.dataset_config else ''} from the hub: {err}. "
-                f"Offline, use a packaged set ({', '.join(PACKAGED_DATASETS)}) or data_files with local "
-                "files in the same schema."
+                f"Offline, use {self._offline_choices()}"
             ) from err
+
+    def _offline_choices(self) -> str:
+        """What to use instead of a hub data set that cannot be loaded (the end of the error message)."""
+        return f"a packaged set ({', '.join(self.packaged_sets)}) or data_files with local files in the same schema."
 
     def _named_splits(self, raw: Any) -> dict[str, Any]:
         """Our three splits, carving validation/test from train when the source lacks them."""
@@ -490,40 +516,44 @@ class TextClassificationDataModule(pl.LightningDataModule):
             return encoded
 
         fingerprint = _digest(data._fingerprint, self._tokenizer_key(), text, pair, label, mapping, regression, max_length)
-        return data.map(
-            encode,
-            batched=True,
-            with_indices=True,
-            remove_columns=data.column_names,
-            new_fingerprint=fingerprint,
-            desc=f"Tokenising {split}",
-        )
+        return _map_rows(data, encode, fingerprint, f"Tokenising {split}")
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
+    def _checked_splits(self) -> dict[str, Any]:
+        """Our three splits of the source (:meth:`load_raw`, :meth:`_named_splits`), each with its
+        columns checked; the tokenizer is resolved first."""
         if self.tokenizer is None:
             self.tokenizer = self._resolve_tokenizer()
         splits = self._named_splits(self.load_raw())
         for split, data in splits.items():
             self._check_columns(split, data)
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        splits = self._checked_splits()
         splits = {split: self._drop_rows(split, data) for split, data in splits.items()}
         for split, data in splits.items():
             self._check_missing_labels(split, data)
         mapping = self._label_mapping(splits["train"])
         for split, data in splits.items():
-            limit = self.max_train_samples if split == "train" else self.max_eval_samples
-            if limit is not None and limit < len(data):
-                # a seeded random subset (kept in the split's order): sources sorted by label
-                # would give a first-N subset of one class
-                keep = np.sort(np.random.default_rng(self.split_seed).permutation(len(data))[:limit])
-                data = data.select(keep.tolist())
+            data = self._subset(split, data)
             self._check_columns(split, data)
             self._check_labels(split, data, mapping)
             self.datasets[split] = self._tokenize(split, data, mapping)
         self.split_record["sizes_used"] = {split: len(d) for split, d in self.datasets.items()}
         self.split_record["label_names"] = self.label_names
         self._record_splits()
+
+    def _subset(self, split: str, data: Any) -> Any:
+        """``data`` cut to ``max_train_samples`` (train) or ``max_eval_samples`` rows: a seeded
+        random subset, kept in the split's order (sources sorted by label or task would give a
+        first-N subset of one kind)."""
+        limit = self.max_train_samples if split == "train" else self.max_eval_samples
+        if limit is None or limit >= len(data):
+            return data
+        keep = np.sort(np.random.default_rng(self.split_seed).permutation(len(data))[:limit])
+        return data.select(keep.tolist())
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if self.tokenizer_name is not None:

@@ -118,6 +118,16 @@ def row_mask(student: ModelOutputs, batch: Mapping[str, Any], key: str | None = 
     return None
 
 
+def width_projection(width_s: int, width_t: int, project: bool | None, refusal: str) -> nn.Linear | None:
+    """The student-side linear map ``d_s -> d_t`` (no bias) a loss learns: with ``project``
+    ``None`` only when the widths differ, ``True`` always, ``False`` never (unequal widths then
+    fail with the message ``refusal``)."""
+    use = width_s != width_t if project is None else project
+    if not use and width_s != width_t:
+        raise ValueError(refusal)
+    return nn.Linear(width_s, width_t, bias=False) if use else None
+
+
 class ProjectedFeatureLoss(FeatureLoss):
     """A feature loss that needs equal widths, so may learn a student-side map ``d_s -> d_t``.
 
@@ -137,10 +147,10 @@ class ProjectedFeatureLoss(FeatureLoss):
 
     def build(self, tap_widths: Mapping[str, int], num_labels: int) -> None:
         width_s, width_t = tap_widths[self.student_tap], tap_widths[self.teacher_tap]
-        project = width_s != width_t if self.project is None else self.project
-        if not project and width_s != width_t:
-            raise ValueError(
-                f"loss {self.name!r}: student width {width_s} != teacher width {width_t}; "
-                "allow a projection (projection: true or null)"
-            )
-        self.projection = nn.Linear(width_s, width_t, bias=False) if project else None
+        self.projection = width_projection(
+            width_s,
+            width_t,
+            self.project,
+            f"loss {self.name!r}: student width {width_s} != teacher width {width_t}; "
+            "allow a projection (projection: true or null)",
+        )

@@ -36,7 +36,6 @@ query generation are not implemented: the student here is one encoder for both s
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -46,10 +45,10 @@ from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
 from kd_lightning.data.retrieval import SIDES, side_inputs
-from kd_lightning.losses.base import DistillLoss, float32, positive
+from kd_lightning.losses.base import DistillLoss, float32, positive, width_projection
 from kd_lightning.metrics.retrieval import retrieval_metrics
 from kd_lightning.models import StudentSpec, TeacherSpec, resolve_model_path
-from kd_lightning.models.building import copied_student, load_config, model_from_config
+from kd_lightning.models.building import build_headless_student
 from kd_lightning.module import DistillModule
 from kd_lightning.outputs import ModelOutputs
 from kd_lightning.taps import reduce_hidden
@@ -133,13 +132,13 @@ class EmbeddingMatching(DistillLoss):
                 "kd_lightning.methods.EmbedDistillModule"
             )
         width_s, width_t = tap_widths[STUDENT_WIDTH], tap_widths[TEACHER_WIDTH]
-        project = width_s != width_t if self.project is None else self.project
-        if not project and width_s != width_t:
-            raise ValueError(
-                f"loss {self.name!r}: student embeddings have width {width_s}, the teacher's {width_t}; "
-                "allow a projection (projection: true or null)"
-            )
-        self.projection = nn.Linear(width_s, width_t, bias=False) if project else None
+        self.projection = width_projection(
+            width_s,
+            width_t,
+            self.project,
+            f"loss {self.name!r}: student embeddings have width {width_s}, the teacher's {width_t}; "
+            "allow a projection (projection: true or null)",
+        )
 
     def forward(self, student: ModelOutputs, teacher: ModelOutputs | None, batch: Mapping[str, Any]) -> Tensor:
         s, t = float32(student.features[self.side]), float32(teacher.features[self.side])
@@ -244,14 +243,7 @@ class EmbedDistillModule(DistillModule):
         return load_encoder(spec.name_or_path)
 
     def build_student_model(self, spec: StudentSpec, teacher: PreTrainedModel) -> PreTrainedModel:
-        copied = copied_student(spec, teacher)
-        if copied is not None:
-            return copied
-        overrides = dict(spec.config_overrides or {})
-        if spec.name_or_path is not None and not overrides:
-            return load_encoder(spec.name_or_path)
-        config = load_config(spec.name_or_path) if spec.name_or_path is not None else copy.deepcopy(teacher.config)
-        return model_from_config(config, overrides, AutoModel)
+        return build_headless_student(spec, teacher, load_encoder, AutoModel)
 
     def shared_outputs(self, teacher: PreTrainedModel, student: PreTrainedModel) -> int:
         """The width of the teacher's embeddings (what the student's embeddings are matched to)."""

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from kd_lightning.losses import functional
-from kd_lightning.losses.base import DistillLoss, float32, positive
+from kd_lightning.losses.base import DistillLoss, float32, positive, width_projection
 from kd_lightning.models import StudentSpec, TeacherSpec
 from kd_lightning.module import DistillModule
 from kd_lightning.outputs import ModelOutputs
@@ -135,13 +135,13 @@ class SRDLoss(DistillLoss):
             raise RuntimeError(
                 "SRD: the loss is not built yet (its tap widths are unknown); bind after DistillModule.__init__"
             )
-        project = self.student_width != width if self.project is None else self.project
-        if not project and self.student_width != width:
-            raise ValueError(
-                f"SRD: student tap {self.student_tap!r} has width {self.student_width} but the teacher head "
-                f"takes {width}; allow the projection (projection: true or null)"
-            )
-        self.projection = nn.Linear(self.student_width, width, bias=False) if project else None
+        self.projection = width_projection(
+            self.student_width,
+            width,
+            self.project,
+            f"SRD: student tap {self.student_tap!r} has width {self.student_width} but the teacher head "
+            f"takes {width}; allow the projection (projection: true or null)",
+        )
         self.teacher_width = width
         object.__setattr__(self, "_head", head)  # the teacher's modules, not this loss's
 

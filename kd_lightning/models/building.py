@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,23 @@ def copied_student(spec: StudentSpec, teacher: PreTrainedModel | None) -> PreTra
             "(copied weights fix the widths); choose layers, or override the config for a random init"
         )
     return student_from_teacher_layers(teacher, list(spec.from_teacher_layers))
+
+
+def build_headless_student(
+    spec: StudentSpec, teacher: PreTrainedModel, load: Callable[[str], PreTrainedModel], auto_class: Any
+) -> PreTrainedModel:
+    """The student described by ``spec`` for models with no label head to fit (causal LMs,
+    encoders): chosen teacher layers (weights copied), a checkpoint (``load(name_or_path)``), or
+    the teacher's config (or ``name_or_path``'s) with ``config_overrides`` as a randomly
+    initialised ``auto_class`` model."""
+    copied = copied_student(spec, teacher)
+    if copied is not None:
+        return copied
+    overrides = dict(spec.config_overrides or {})
+    if spec.name_or_path is not None and not overrides:
+        return load(spec.name_or_path)
+    config = load_config(spec.name_or_path) if spec.name_or_path is not None else copy.deepcopy(teacher.config)
+    return model_from_config(config, overrides, auto_class)
 
 
 def build_student(spec: StudentSpec, teacher: PreTrainedModel | None, num_labels: int) -> PreTrainedModel:
