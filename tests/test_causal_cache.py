@@ -13,7 +13,7 @@ from loss_testing import one_thread  # noqa: F401
 from test_cli import scalars
 
 from kd_lightning import StudentSpec, TapSpec, TeacherSpec
-from kd_lightning import teacher_cache as teacher_cache_module
+from kd_lightning import topk_logprobs as topk_module
 from kd_lightning.causal import CausalLMDistillModule, SpeculativeKDModule
 from kd_lightning.causal.module import response_token_mask
 from kd_lightning.cli import main
@@ -33,16 +33,8 @@ from kd_lightning.losses import (
     SkewReverseKLDivergence,
     TotalVariationDistance,
 )
-from kd_lightning.teacher_cache import (
-    CacheRefusedError,
-    DamagedCacheError,
-    TeacherCacheConfig,
-    TopKCacheError,
-    TopKLogProbs,
-    check_topk_losses,
-    reconstruct_log_probs,
-    top_k_log_probs,
-)
+from kd_lightning.teacher_cache import CacheRefusedError, DamagedCacheError, TeacherCacheConfig, check_topk_losses
+from kd_lightning.topk_logprobs import TopKCacheError, TopKLogProbs, reconstruct_log_probs, top_k_log_probs
 
 pytest_plugins = ("causal_fixtures",)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: no OpenMP spin-waits on 2 shared cores
@@ -190,9 +182,9 @@ def test_a_top_k_cache_stores_response_positions_only_and_its_loss_is_the_diverg
     batch = next(iter(data.train_dataloader()))
     live, cached = live_and_cached(module, batch)
     rebuilt = []
-    original = teacher_cache_module.reconstruct_log_probs
+    original = topk_module.reconstruct_log_probs
     monkeypatch.setattr(
-        teacher_cache_module, "reconstruct_log_probs", lambda *a: rebuilt.append(a[0].shape[0]) or original(*a)
+        topk_module, "reconstruct_log_probs", lambda *a: rebuilt.append(a[0].shape[0]) or original(*a)
     )
     student = module.student_outputs(batch)
     got = float(module.loss_terms(student, cached, batch)["kl_divergence"].detach())

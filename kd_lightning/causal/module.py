@@ -153,7 +153,7 @@ class CausalLMDistillModule(DistillModule):
 
     def teacher_outputs(self, batch: Mapping[str, Any]) -> ModelOutputs:
         """The live teacher's outputs; in training with a teacher cache, the cached ones (the
-        logits then a :class:`~kd_lightning.teacher_cache.TopKLogProbs` over the response tokens)."""
+        logits then a :class:`~kd_lightning.topk_logprobs.TopKLogProbs` over the response tokens)."""
         if self.teacher_cache is not None and self.training:
             mask = response_token_mask(batch["labels"])
             cached = self.teacher_cache.read(batch["index"], self.device, token_mask=mask)

@@ -19,7 +19,7 @@ back-propagated once: ``retain_graph=True`` followed by a second backward raises
 A row input need not be a tensor: any :class:`RowSource` — an object that builds rows on
 demand — is taken a chunk at a time like a tensor and never needs a gradient. The teacher's
 log-probabilities read from a top-k teacher cache
-(:class:`~kd_lightning.teacher_cache.TopKLogProbs`) are one: each chunk's ``chunk x vocab``
+(:class:`~kd_lightning.topk_logprobs.TopKLogProbs`) are one: each chunk's ``chunk x vocab``
 rows are rebuilt from the stored top-k entries when the chunk is computed, so no full
 ``tokens x vocab`` teacher tensor is ever made.
 """
