@@ -195,6 +195,14 @@ class DamagedCacheError(ValueError):
     """A teacher cache folder that cannot be read, or that holds the outputs of another key."""
 
 
+def ragged_rows(array: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The stored rows of examples ``rows`` of a ragged array (example ``i`` holds
+    ``array[offsets[i]:offsets[i + 1]]``), concatenated in the order of ``rows``."""
+    if not rows.size:
+        return np.asarray(array[:0])
+    return np.concatenate([np.asarray(array[offsets[i] : offsets[i + 1]]) for i in rows])
+
+
 # ---- reading ---------------------------------------------------------------------------------------
 class TeacherCache:
     """A complete cache folder of classifier outputs, opened read-only with memory maps.
@@ -276,13 +284,7 @@ class TeacherCache:
     def _read_features(self, rows: np.ndarray, device: torch.device | str) -> dict[str, Tensor]:
         features = {}
         for name, array in self.features.items():
-            if name in self.offsets:
-                off = self.offsets[name]
-                data = (
-                    np.concatenate([np.asarray(array[off[i] : off[i + 1]]) for i in rows]) if rows.size else array[:0]
-                )
-            else:
-                data = array[rows]
+            data = ragged_rows(array, self.offsets[name], rows) if name in self.offsets else array[rows]
             features[name] = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device)
         return features
 
@@ -384,7 +386,7 @@ class TopKTeacherCache(TeacherCache):
         mask = token_mask.to(torch.bool)
         if mask.dim() != 2 or mask.shape[0] != rows.size:
             raise ValueError(f"{rows.size} example indices for a token mask of shape {tuple(mask.shape)}")
-        stored = np.diff(self.token_offsets)[rows]
+        stored = self.token_offsets[rows + 1] - self.token_offsets[rows]
         found = mask.sum(1).cpu().numpy()
         if (found != stored).any():
             bad = int(np.flatnonzero(found != stored)[0])
@@ -393,10 +395,9 @@ class TopKTeacherCache(TeacherCache):
                 f"teacher cache at {self.folder} stores {int(stored[bad])}: the data or its tokenisation changed since the "
                 f"cache was built. Delete {self.folder}: the next fit with teacher_cache rebuilds it."
             )
-        spans = [(int(self.token_offsets[r]), int(self.token_offsets[r + 1])) for r in rows]
 
         def gather(array: np.ndarray, dtype: Any) -> Tensor:
-            data = np.concatenate([np.asarray(array[a:b]) for a, b in spans]) if spans else np.asarray(array[:0])
+            data = ragged_rows(array, self.token_offsets, rows)
             return torch.from_numpy(np.asarray(data, dtype=dtype)).to(device)
 
         logits = TopKLogProbs(
