@@ -5,6 +5,7 @@ one results table and its plots.
     python benchmarks/methods.py --accelerator auto           # 3 seeds, every method, both tasks, each config's epochs (GPU)
     python benchmarks/methods.py --task amazon3 --seeds 0 1   # one task, chosen seeds
     python benchmarks/methods.py --report-only                # results.md and the plots again from results.csv
+    python benchmarks/methods.py --merge A B --out C          # runs split over processes or machines, into one table
 
 For each task: the teacher is fine-tuned once by the task's teacher config, unless the folder
 that config exports to already holds a teacher trained by the same recipe (model, data, seed and
@@ -43,6 +44,11 @@ Resuming: a finished run's rows are added to ``results.csv`` (and ``alignment.cs
 rewrite; a rerun skips the (task, method, seed) rows already there and starts an unfinished run
 again from scratch in a clean folder. Rows made with another run length, validation interval,
 precision or cache setting are not mixed in: the script refuses and names the setting.
+Splitting: runs split by ``--task``, ``--methods`` and ``--seeds`` over several processes (one GPU
+has room for many of these small runs at once) or machines, each with its own ``--out``, are joined
+by ``--merge DIR ... --out DIR``: their rows (all made with one setting, or it refuses) go into the
+``--out`` folder's results, a row of the same (task, method, seed) replacing the one there, and the
+table and plots are written from all of them.
 Paths are relative to the repository root (the script runs from there); ``<out>/runs/`` is
 ignored by git, the CSV, Markdown and PNG files are meant to be committed.
 """
@@ -506,6 +512,26 @@ class ResultStore:
                 "give another --out, or delete that folder to start over"
             )
 
+    def merge(self, others: Sequence[ResultStore]) -> int:
+        """Add every row of ``others`` (and its alignment rows), replacing rows of the same (task,
+        method, seed); all rows must share one setting. Returns the number of rows added."""
+        settings = {r["setting"] for store in (self, *others) for r in store.rows}
+        if len(settings) > 1:
+            raise SystemExit(
+                f"cannot merge runs made with different settings {sorted(settings)}: results of one table must "
+                "share their run length, validation interval, precision and cache setting"
+            )
+        added = [r for store in others for r in store.rows]
+        keys = {(r["task"], r["method"], r["seed"]) for r in added}
+        if len(keys) < len(added):
+            raise SystemExit("the folders to merge hold the same (task, method, seed) more than once: merge one of each")
+        alignment = [a for store in others for a in store.alignment]
+        self.alignment = [a for a in self.alignment if (a["task"], a["method"], a["seed"]) not in keys] + alignment
+        self.rows = with_gap_closed([r for r in self.rows if (r["task"], r["method"], r["seed"]) not in keys] + added)
+        write_atomically(self.alignment_csv, csv_text(self.alignment, ALIGNMENT_COLUMNS))
+        write_atomically(self.results_csv, csv_text(self.rows, COLUMNS))
+        return len(added)
+
     def add(self, row: Mapping[str, Any], alignment: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Record a finished run (replacing any alignment rows left by an unfinished attempt);
         returns its row with the gap closed."""
@@ -763,6 +789,10 @@ def parse_args(argv: Sequence[str], tasks: Mapping[str, Task]) -> argparse.Names
     parser.add_argument("--test", choices=("ttest", "wilcoxon"), default="ttest", help="paired test against KD over seeds")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints under <out>/runs")
     parser.add_argument("--report-only", action="store_true", help="only write results.md and the plots from results.csv")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="DIR",
+        help="add the results of these output folders (runs split over processes or machines) to --out, then report",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help=f"output folder (default {DEFAULT_OUT}, or {DEFAULT_QUICK_OUT} with --quick)")
     return parser.parse_args(list(argv))
 
@@ -812,7 +842,13 @@ def main(argv: Sequence[str] | None = None, tasks: Mapping[str, Task] | None = N
     store = ResultStore(settings.out)
     console = Console()
     report = BenchmarkReport([], [], [], [], None)
-    if args.report_only:
+    if args.merge:
+        missing = [str(folder) for folder in args.merge if not (folder / "results.csv").is_file()]
+        if missing:
+            raise SystemExit(f"no results.csv in {missing}: give the --out folders of finished benchmark runs")
+        added = store.merge([ResultStore(folder) for folder in args.merge])
+        console.print(f"merged {added} rows from {len(args.merge)} folder(s) into {store.results_csv}")
+    if args.report_only or args.merge:
         report.results_md = write_report(store, tasks, settings)
         console.print(f"wrote {report.results_md}")
         return report

@@ -31,6 +31,9 @@ named explicitly, it is an error.
     e textbrewer_live    textbrewer.GeneralDistiller.train(num_steps=...) with logit/loss adaptors
     f torchdistill_live  torchdistill's DistillationBox (KDLoss on forward-hooked classifier outputs),
                          driven by the per-batch loop of torchdistill's examples
+    g lightning_minimal  the hand loop's work (b) as a bare LightningModule with no logging, trained by
+                         lightning.Trainer: Lightning's own floor, so a/b splits into a/g (kd_lightning's
+                         overhead over Lightning) and g/b (Lightning's over a plain loop)
 
 Method. Each contender's own training loop runs in its own thread and pauses at the same point of
 every step, right after the batch is fetched (Lightning: ``on_train_batch_start``; TextBrewer: its
@@ -696,6 +699,38 @@ class LightningStudent(LightningContender):
         )
 
 
+class MinimalModule(pl.LightningModule):
+    """The hand loop's work (b) as a bare LightningModule: the teacher under no_grad (unregistered,
+    as DistillModule's), the student, the same objective, AdamW + LambdaLR per step; no logging."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        super().__init__()
+        teacher, self.student = teacher_and_student(config)
+        object.__setattr__(self, "teacher", teacher)
+        self.config = config
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        inputs = model_inputs(batch)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        student_logits = self.student(**inputs).logits
+        return hand_objective(student_logits.float(), teacher_logits.float(), batch["labels"], self.config)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(parameter_groups(self.student, self.config.weight_decay), lr=self.config.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LightningMinimal(LightningContender):
+    name = "lightning_minimal"
+    label = "g"
+    description = "the hand loop's work as a bare LightningModule (no logging), lightning.Trainer: Lightning's floor"
+
+    def make_module(self) -> pl.LightningModule:
+        return MinimalModule(self.config)
+
+
 class HandLoop(Contender):
     name = "hand_live"
     label = "b"
@@ -869,7 +904,10 @@ class TorchdistillLive(Contender):
 
 CONTENDERS: dict[str, type[Contender]] = {
     c.name: c
-    for c in (LightningLive, HandLoop, HandLoopCopy, LightningCache, LightningStudent, TextBrewerLive, TorchdistillLive)
+    for c in (
+        LightningLive, HandLoop, HandLoopCopy, LightningCache, LightningStudent, TextBrewerLive, TorchdistillLive,
+        LightningMinimal,
+    )
 }
 #: (numerator, denominator, kind, threshold): throughput ratio >= threshold, or step-cost ratio <= threshold;
 #: ``control`` and ``report`` rows have no target.
@@ -881,6 +919,8 @@ TARGETS = [
     ("lightning_live", "torchdistill_live", "throughput", 1.0),
     ("lightning_cache", "textbrewer_live", "report", None),
     ("lightning_cache", "torchdistill_live", "report", None),
+    ("lightning_live", "lightning_minimal", "report", None),
+    ("lightning_minimal", "hand_live", "report", None),
 ]
 
 

@@ -38,7 +38,8 @@ class DistillModule(StudentModule):
 
     Each step runs the teacher under ``no_grad`` (only when a loss needs it) and the student,
     collects the tapped features of both, and minimises ``sum_i w_i * loss_i(student, teacher,
-    batch)``. Every term is logged on its own as ``train/loss/<name>`` beside ``train/loss``.
+    batch)``. Every term is logged on its own as ``train/loss/<name>`` beside ``train/loss`` (the
+    terms and weights on the steps the loggers write, ``train/loss`` at every step).
 
     The teacher is frozen for the whole run: no gradients, always in eval mode (Lightning's
     ``train()`` does not reach it), outside the optimiser, invisible to DDP (it is not a
@@ -268,19 +269,21 @@ class DistillModule(StudentModule):
         return self.checked_total(terms, total, batch, batch_size)
 
     def checked_total(self, terms: Mapping[str, Tensor], total: Tensor, batch: Mapping[str, Any], batch_size: int) -> Tensor | None:
-        """Log every term (``train/loss/<name>``, the weights of this module's losses) and
-        return ``total``, or handle a non-finite term as ``nonfinite`` says. ``terms`` may hold
-        terms beyond :attr:`losses` (a subclass's extra objectives); each is checked and logged."""
+        """Log every term (``train/loss/<name>``) and the weights of this module's losses on the
+        steps the loggers write (:meth:`logger_step`), ``train/loss`` at every step, and return
+        ``total``; or handle a non-finite term as ``nonfinite`` says. ``terms`` may hold terms
+        beyond :attr:`losses` (a subclass's extra objectives); each is checked and logged."""
         nonfinite = self._nonfinite_terms(terms, total)
         if nonfinite:
             return self._nonfinite_step(nonfinite, {**terms, "total": total}, batch, batch_size)
-        for name, value in terms.items():
-            self.log(f"train/loss/{name}", value.detach(), batch_size=batch_size)
-        for loss in self.losses:
-            self.log(f"train/weight/{loss.name}", loss.weight, batch_size=batch_size)
+        if self.logger_step():
+            for name, value in terms.items():
+                self.log(f"train/loss/{name}", value.detach(), batch_size=batch_size)
+            for loss in self.losses:
+                self.log(f"train/weight/{loss.name}", loss.weight, batch_size=batch_size)
+            if self.nonfinite == "skip":
+                self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
-        if self.nonfinite == "skip":
-            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch_size)
         return total
 
     # ---- non-finite losses -----------------------------------------------------------------------

@@ -225,3 +225,54 @@ def test_benchmark_end_to_end_and_resume(methods, readable_bert, cue_csv, tmp_pa
 
     with pytest.raises(SystemExit, match="steps=4"):  # rows of another run length are not mixed in
         methods.main([*argv, "--steps", "6"], tasks={"tiny": task})
+
+
+def result_folder(methods: ModuleType, folder: Path, rows: list[dict], setting: str = "steps=4;val_every=2") -> Path:
+    folder.mkdir(parents=True)
+    full = [{"f1": 0.5, "ece": 0.05, "gap_closed": math.nan, "wall_time_s": 1.0, "steps": 4, "configs": "a.yaml",
+             "setting": setting, "machine": "m", "command": f"c {folder.name}", **r} for r in rows]  # fmt: skip
+    (folder / "results.csv").write_text(methods.csv_text(full, methods.COLUMNS))
+    alignment = [{"task": r["task"], "method": r["method"], "seed": r["seed"], "step": 1, "pair": "p", "cka": 0.5,
+                  "procrustes": 0.1} for r in rows]  # fmt: skip
+    (folder / "alignment.csv").write_text(methods.csv_text(alignment, methods.ALIGNMENT_COLUMNS))
+    return folder
+
+
+def test_merge_joins_split_runs_into_one_table(methods, tmp_path):
+    base = {"task": "rt", "teacher_accuracy": 0.9}
+    a = result_folder(methods, tmp_path / "a", [
+        {**base, "method": methods.BASELINE, "seed": s, "accuracy": 0.6 + 0.01 * s} for s in (0, 1)])  # fmt: skip
+    b = result_folder(methods, tmp_path / "b", [
+        {**base, "method": methods.REFERENCE, "seed": s, "accuracy": 0.75 + 0.01 * s} for s in (0, 1)])  # fmt: skip
+    out = tmp_path / "out"
+    report = methods.main(["--merge", str(a), str(b), "--out", str(out)], tasks=methods.TASKS)
+    rows = methods.read_csv(out / "results.csv")
+    assert sorted((r["method"], r["seed"]) for r in rows) == [(methods.REFERENCE, 0), (methods.REFERENCE, 1),
+                                                               (methods.BASELINE, 0), (methods.BASELINE, 1)]  # fmt: skip
+    kd = {r["seed"]: r for r in rows if r["method"] == methods.REFERENCE}
+    for seed in (0, 1):  # the gap closed uses the no-KD row of the same seed, from the other folder
+        assert kd[seed]["gap_closed"] == pytest.approx((0.75 - 0.6) / (0.9 - 0.6 - 0.01 * seed))
+    assert len(methods.read_csv(out / "alignment.csv")) == 4
+    assert report.results_md == out / "results.md" and "c a" in report.results_md.read_text()
+    assert (out / "rt_accuracy.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    # merging again replaces the rows of the same runs, never duplicates them
+    b2 = result_folder(methods, tmp_path / "b2", [{**base, "method": methods.REFERENCE, "seed": 0, "accuracy": 0.8}])
+    methods.main(["--merge", str(b2), "--out", str(out)], tasks=methods.TASKS)
+    rows = methods.read_csv(out / "results.csv")
+    assert len(rows) == 4 and [r["accuracy"] for r in rows if r["method"] == methods.REFERENCE and r["seed"] == 0] == [0.8]
+
+
+def test_merge_refuses_mixed_settings_duplicates_and_missing_folders(methods, tmp_path):
+    row = {"task": "rt", "method": methods.REFERENCE, "seed": 0, "accuracy": 0.7, "teacher_accuracy": 0.9}
+    a = result_folder(methods, tmp_path / "a", [row])
+    other = result_folder(methods, tmp_path / "other", [{**row, "seed": 1}], setting="steps=8;val_every=2")
+    same = result_folder(methods, tmp_path / "same", [row])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="different settings"):
+        methods.main(["--merge", str(a), str(other), "--out", str(out)], tasks=methods.TASKS)
+    with pytest.raises(SystemExit, match="more than once"):
+        methods.main(["--merge", str(a), str(same), "--out", str(out)], tasks=methods.TASKS)
+    with pytest.raises(SystemExit, match="no results.csv"):
+        methods.main(["--merge", str(tmp_path / "nowhere"), "--out", str(out)], tasks=methods.TASKS)
+    assert not (out / "results.csv").exists()  # nothing written by a refused merge

@@ -273,3 +273,27 @@ def test_settings_are_checked_with_the_fix_named(tiny_bert):
     outputs = ModelOutputs(logits=torch.zeros(1, 2))
     with pytest.raises(RuntimeError, match="kd_lightning.methods.ADKDModule"):
         AttributionLoss()(outputs, outputs, {})
+
+
+def test_the_students_passes_use_the_math_attention_kernel(tiny_bert):
+    """Fused attention kernels (flash, memory-efficient) have no second derivative, so on a GPU
+    ``create_graph`` through them fails; the student's IG passes must run the math kernel, the
+    teacher's (first order only) may use any."""
+    module = adkd_module(tiny_bert, steps=2, losses=[CrossEntropy()])
+    seen: dict[str, list[tuple[bool, bool, bool]]] = {"teacher": [], "student": []}
+
+    def recorder(side: str):
+        def hook(*_: object) -> None:
+            seen[side].append(
+                (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 torch.backends.cuda.math_sdp_enabled())
+            )  # fmt: skip
+        return hook
+
+    handles = [module.teacher.register_forward_hook(recorder("teacher")), module.student.register_forward_hook(recorder("student"))]
+    module.attribution_outputs(text_batch(module, ["the movie was good", "awful plot"]))
+    for handle in handles:
+        handle.remove()
+    assert len(seen["student"]) == 2 and all(flags == (False, False, True) for flags in seen["student"])
+    assert seen["teacher"] and all(flags[:2] == (True, True) for flags in seen["teacher"])
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()  # restored

@@ -59,7 +59,9 @@ class _StepSchedule(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         value = self.value_at(trainer.global_step, trainer)
         setattr(find_loss(pl_module, self.loss_name), self.attribute, value)
-        pl_module.log(f"train/{self.attribute}/{self.loss_name}", value, on_step=True, on_epoch=False, batch_size=1)
+        logger_step = getattr(pl_module, "logger_step", None)  # StudentModule: the steps the loggers write
+        if logger_step is None or logger_step():
+            pl_module.log(f"train/{self.attribute}/{self.loss_name}", value, on_step=True, on_epoch=False, batch_size=1)
 
 
 class LossWeightWarmup(_StepSchedule):

@@ -310,7 +310,8 @@ class PromptKDModule(CausalLMDistillModule):
         size = batch["input_ids"].shape[0]
         if self.responses == "student":
             batch, sample = self.sampled_batch(batch)
-            self.log("train/promptkd/response_tokens", sample.lengths.float().mean(), batch_size=size)
+            if self.logger_step():
+                self.log("train/promptkd/response_tokens", sample.lengths.float().mean(), batch_size=size)
         prompted = self.prompted_teacher_outputs(batch)
         student = self.student_outputs(batch)
         target = dataclasses.replace(
@@ -321,9 +322,10 @@ class PromptKDModule(CausalLMDistillModule):
         weight = self.current_regularizer_weight()
         prompt = self.prompt_terms(prompted, student, batch, weight)
         prompt_total = prompt["prompt_student"] + weight * prompt.get("prompt_regularizer", 0.0)
-        self.log("train/weight/prompt_regularizer", weight, batch_size=size)
-        self.log("train/loss/student", student_total.detach(), batch_size=size)
-        self.log("train/loss/prompt", prompt_total.detach(), batch_size=size)
+        if self.logger_step():
+            self.log("train/weight/prompt_regularizer", weight, batch_size=size)
+            self.log("train/loss/student", student_total.detach(), batch_size=size)
+            self.log("train/loss/prompt", prompt_total.detach(), batch_size=size)
         return self.checked_total({**terms, **prompt}, student_total + prompt_total, batch, size)
 
     # ---- optimisation and evaluation ---------------------------------------------------------------

@@ -247,7 +247,10 @@ class SpeculativeKDModule(CausalLMDistillModule):
         size = batch["input_ids"].shape[0]
         if speculative:
             batch, sample = self.speculative_batch(batch)
-            self.log("train/speculative/replaced", sample.replaced.sum() / sample.lengths.sum().clamp_min(1), batch_size=size)
-            self.log("train/speculative/response_tokens", sample.lengths.float().mean(), batch_size=size)
-        self.log("train/speculative/step", float(speculative), batch_size=size)
+            if self.logger_step():
+                replaced = sample.replaced.sum() / sample.lengths.sum().clamp_min(1)
+                self.log("train/speculative/replaced", replaced, batch_size=size)
+                self.log("train/speculative/response_tokens", sample.lengths.float().mean(), batch_size=size)
+        if self.logger_step():
+            self.log("train/speculative/step", float(speculative), batch_size=size)
         return super().training_step(batch, batch_idx)

@@ -48,6 +48,7 @@ dimensions).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,6 +56,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kd_lightning.losses.base import DistillLoss
 from kd_lightning.losses.logits import CrossEntropy, KLDivergence
@@ -209,7 +211,9 @@ def integrated_gradients(
     logits = x = views = None
     for k in range(steps, 0, -1):
         path.alpha = k / steps
-        with path:
+        # Fused attention kernels (flash, memory-efficient) have no second derivative; the math one does.
+        kernels = sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext()
+        with path, kernels:
             out = model(**inputs).logits
         if k == steps:
             logits, x = out, path.input

@@ -286,8 +286,9 @@ class DPKModule(DistillModule):
             }
         total = sum(loss.weight * terms[loss.name] for loss in self.losses)
         batch_size = student.logits.shape[0]
-        self.log("train/dpk/share", self.prior_share, batch_size=batch_size)
-        self.log("train/dpk/cka", self.prior_cka, batch_size=batch_size)
+        if self.logger_step():
+            self.log("train/dpk/share", self.prior_share, batch_size=batch_size)
+            self.log("train/dpk/cka", self.prior_cka, batch_size=batch_size)
         return self.checked_total(terms, total, batch, batch_size)
 
     @torch.no_grad()

@@ -101,7 +101,8 @@ class OnlineBDKDModule(DistillModule):
         terms = self.loss_terms(student, detached(teacher), batch)
         student_total = sum(loss.weight * terms[loss.name] for loss in self.losses)
         teacher_total = self.teacher_loss(teacher, student, batch["labels"])
-        self.log("train/loss/student", student_total.detach(), batch_size=student.logits.shape[0])
+        if self.logger_step():
+            self.log("train/loss/student", student_total.detach(), batch_size=student.logits.shape[0])
         return self.checked_total({**terms, "teacher": teacher_total}, student_total + teacher_total, batch, student.logits.shape[0])
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> ModelOutputs:
