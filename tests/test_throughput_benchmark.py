@@ -67,7 +67,8 @@ def test_every_contender_trains_and_the_report_is_written(throughput, tiny_bert,
     assert list(result["contenders"]) == names
     assert_trained(result)
     assert result["contenders"]["lightning_live"]["optimizer_steps"] == 2
-    assert {r["pair"] for r in result["ratios"]} == {"b'/b", "a/b", "c/d", "a/e", "c/e"}
+    assert result["contenders"]["lightning_minimal"]["optimizer_steps"] == 2
+    assert {r["pair"] for r in result["ratios"]} == {"b'/b", "a/b", "c/d", "a/e", "c/e", "a/g", "g/b"}
     assert list((tmp_path / "cache").iterdir()), "the cached contender built its teacher cache"
 
     md, js = throughput.write_report(result, tmp_path / "results")
@@ -182,3 +183,21 @@ def test_quick_mode_on_cuda_with_memory_probes(throughput, tiny_bert, tiny_csv, 
     report = (tmp_path / "results" / "throughput.md").read_text()
     assert f"Device: cuda, {torch.cuda.get_device_name()}" in report
     assert "| peak CUDA MB |" in report and "CUDA: the pacer calls torch.cuda.synchronize()" in report
+
+
+def test_the_variants_of_the_live_step_train_and_are_reported(tiny_bert, tiny_csv, tmp_path):
+    """``throughput_variants.py``: a without the non-finite check, a without logging, the hand loop
+    with a mid-step synchronisation; each trains, and its ratio to the hand loop is reported."""
+    variants = load_benchmark("throughput_variants")
+    tp = variants.tp
+    names = ["lightning_live", "live_nocheck", "live_nolog", "hand_live", "hand_sync", "lightning_cache"]
+    config = tiny_config(tp, tiny_bert, tiny_csv, tmp_path, names)
+    result = tp.benchmark(config, command="pytest", memory=False, log=lambda line: None)
+    assert_trained(result)
+    assert {"a1/b", "a2/b", "b2/b", "a/c", "a/b"} <= {r["pair"] for r in result["ratios"]}
+    module = tp.CONTENDERS["live_nolog"](config).make_module()  # no self.log call at all
+    logged = []
+    module.log = lambda name, *args, **kwargs: logged.append(name)
+    batch = dict(module.tokenizer(["a good film", "a dull plot"], return_tensors="pt", padding=True))
+    batch["labels"] = torch.tensor([1, 0])
+    assert torch.isfinite(module.training_step(batch, 0)) and logged == []
