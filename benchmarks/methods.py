@@ -6,6 +6,7 @@ one results table and its plots.
     python benchmarks/methods.py --task amazon3 --seeds 0 1   # one task, chosen seeds
     python benchmarks/methods.py --report-only                # results.md and the plots again from results.csv
     python benchmarks/methods.py --merge A B --out C          # runs split over processes or machines, into one table
+    python benchmarks/methods.py --parallel 16                # 16 runs at a time in their own processes (one GPU)
 
 For each task: the teacher is fine-tuned once by the task's teacher config, unless the folder
 that config exports to already holds a teacher trained by the same recipe (model, data, seed and
@@ -44,6 +45,10 @@ Resuming: a finished run's rows are added to ``results.csv`` (and ``alignment.cs
 rewrite; a rerun skips the (task, method, seed) rows already there and starts an unfinished run
 again from scratch in a clean folder. Rows made with another run length, validation interval,
 precision or cache setting are not mixed in: the script refuses and names the setting.
+Parallel runs: ``--parallel N`` fine-tunes the teachers and builds the caches first, then runs N
+(task, method, seed) runs at a time, each in its own process of this script with the same
+setting (output in ``<out>/runs/parts/``), and merges each finished row into ``--out`` as it
+arrives; small runs leave most of a GPU idle, so many share one.
 Splitting: runs split by ``--task``, ``--methods`` and ``--seeds`` over several processes (one GPU
 has room for many of these small runs at once) or machines, each with its own ``--out``, are joined
 by ``--merge DIR ... --out DIR``: their rows (all made with one setting, or it refuses) go into the
@@ -64,6 +69,7 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -205,6 +211,7 @@ class Settings:
     test: str = "ttest"
     keep_checkpoints: bool = False
     command: str = ""
+    cache_root: Path | None = None
 
     @property
     def setting(self) -> str:
@@ -227,8 +234,16 @@ class Settings:
             return length_overrides(self.steps, self.val_every or max(1, self.steps // 4)) + across_epochs
         return [f"--trainer.val_check_interval={self.val_every}"] if self.val_every else []
 
+    def run_options(self) -> list[str]:
+        """The command-line options that make another process run with this setting and device."""
+        options = ["--val-every", str(self.val_every), "--accelerator", self.accelerator, "--devices", self.devices]
+        options += ["--steps", str(self.steps)] if self.steps else []
+        options += ["--precision", self.precision] if self.precision else []
+        options += [] if self.cache else ["--no-cache"]
+        return options + (["--keep-checkpoints"] if self.keep_checkpoints else [])
+
     def cache_overrides(self) -> list[str]:
-        root = self.out.resolve() / "runs" / "teacher_cache"
+        root = (self.cache_root or self.out / "runs" / "teacher_cache").resolve()
         return ["--model.init_args.teacher_cache.dtype=float16", f"--model.init_args.teacher_cache.root={root}"]
 
 
@@ -760,6 +775,64 @@ def write_report(store: ResultStore, tasks: Mapping[str, Task], settings: Settin
     return path
 
 
+# ---- runs in parallel processes ------------------------------------------------------------------
+def part_dir(settings: Settings, task: str, method: str, seed: int) -> Path:
+    """The ``--out`` of the process that runs one (task, method, seed): ``<out>/runs/parts/...``."""
+    return settings.out / "runs" / "parts" / run_dir(settings, task, method, seed).relative_to(settings.out / "runs")
+
+
+def child_command(task: Task, method: Method, seed: int, settings: Settings, part: Path) -> list[str]:
+    """This script, run for one (task, method, seed) with ``settings``' options, results in ``part``,
+    reading the teacher caches the parent built."""
+    cache_root = settings.cache_root or settings.out / "runs" / "teacher_cache"
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--task", task.name, "--methods", method.name,
+        "--seeds", str(seed), "--out", str(part.resolve()), "--cache-root", str(cache_root.resolve()),
+        *settings.run_options(),
+    ]  # fmt: skip
+
+
+def run_in_parallel(
+    todo: Sequence[tuple[Task, Method, int]], settings: Settings, workers: int, store: ResultStore,
+    report: BenchmarkReport, on_done: Callable[[str], None], log: Callable[[str], None],
+) -> None:  # fmt: skip
+    """Run each (task, method, seed) in its own process of this script, at most ``workers`` at a
+    time (small runs leave most of a GPU idle; several share it), and merge each finished run's row
+    into ``store`` as it arrives. A process that ends without its row is a failed run, with the
+    end of its log (``<part>/run.log``) in the report."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)), "TOKENIZERS_PARALLELISM": "false"}
+    queue = list(todo)
+    running: dict[Any, tuple[Task, Method, int, Path, Any]] = {}
+    while queue or running:
+        while queue and len(running) < workers:
+            task, method, seed = queue.pop(0)
+            part = part_dir(settings, task.name, method.name, seed)
+            if part.exists():
+                shutil.rmtree(part)  # an unfinished earlier attempt
+            part.mkdir(parents=True)
+            handle = (part / "run.log").open("w")
+            command = child_command(task, method, seed, settings, part)
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            running[process] = (task, method, seed, part, handle)
+        time.sleep(0.5)
+        for process in [p for p in running if p.poll() is not None]:
+            task, method, seed, part, handle = running.pop(process)
+            handle.close()
+            label = f"{task.name} · {method.name} · seed {seed}"
+            done = ResultStore(part)
+            if process.returncode == 0 and done.done(task.name, method.name, seed):
+                store.merge([done])
+                row = next(r for r in store.rows if (r["task"], r["method"], r["seed"]) == (task.name, method.name, seed))
+                report.ran.append((task.name, method.name, seed))
+                log(f"{label}: acc {row['accuracy']:.4f}  ECE {row['ece']:.4f}  {row['wall_time_s'] / 60:.1f} min")
+            else:
+                tail = " | ".join((part / "run.log").read_text(errors="replace").strip().splitlines()[-3:])
+                report.failed.append((task.name, method.name, seed, f"exit {process.returncode}: {tail}"))
+                log(f"{label}: FAILED (exit {process.returncode}; log {part / 'run.log'})")
+            on_done(label)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 @dataclass
 class BenchmarkReport:
@@ -789,6 +862,11 @@ def parse_args(argv: Sequence[str], tasks: Mapping[str, Task]) -> argparse.Names
     parser.add_argument("--test", choices=("ttest", "wilcoxon"), default="ttest", help="paired test against KD over seeds")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints under <out>/runs")
     parser.add_argument("--report-only", action="store_true", help="only write results.md and the plots from results.csv")
+    parser.add_argument(
+        "--parallel", type=int, default=1, metavar="N",
+        help="run N runs at once, each in its own process (several small runs share one GPU); default 1",
+    )  # fmt: skip
+    parser.add_argument("--cache-root", type=Path, help=argparse.SUPPRESS)  # the parent's caches, for --parallel's processes
     parser.add_argument(
         "--merge", nargs="+", type=Path, metavar="DIR",
         help="add the results of these output folders (runs split over processes or machines) to --out, then report",
@@ -838,7 +916,10 @@ def main(argv: Sequence[str] | None = None, tasks: Mapping[str, Task] | None = N
         test=args.test,
         keep_checkpoints=args.keep_checkpoints,
         command=" ".join(["python benchmarks/methods.py", *argv]),
+        cache_root=args.cache_root,
     )
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel must be at least 1, got {args.parallel}")
     store = ResultStore(settings.out)
     console = Console()
     report = BenchmarkReport([], [], [], [], None)
@@ -876,6 +957,8 @@ def main(argv: Sequence[str] | None = None, tasks: Mapping[str, Task] | None = N
             if ensure_teacher(task, settings, log, [StepProgress(progress, steps_task)]):
                 report.teachers_trained.append(task.name)
             build_teacher_caches(task, list(dict.fromkeys(pending)), settings, log)
+            if args.parallel > 1:
+                continue
             for _, method, seed in [r for r in todo if r[0] is task]:
                 number = len(report.skipped) + len(report.ran) + len(report.failed) + 1
                 label = f"[{number}/{len(runs)}] {task.name} · {method.name} · seed {seed}"
@@ -895,6 +978,10 @@ def main(argv: Sequence[str] | None = None, tasks: Mapping[str, Task] | None = N
                     )
                 release_memory()  # after the except clause, whose traceback holds a failed run's models
                 progress.update(overall, advance=1)
+        if args.parallel > 1 and todo:
+            release_memory()
+            progress.update(steps_task, description=f"{args.parallel} processes at a time", visible=True)
+            run_in_parallel(todo, settings, args.parallel, store, report, lambda _: progress.update(overall, advance=1), log)
         progress.update(steps_task, visible=False)
     if store.rows:
         report.results_md = write_report(store, tasks, settings)

@@ -4,6 +4,7 @@ table, its statistics and plots, and a rerun that skips what is done and restart
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -276,3 +277,79 @@ def test_merge_refuses_mixed_settings_duplicates_and_missing_folders(methods, tm
     with pytest.raises(SystemExit, match="no results.csv"):
         methods.main(["--merge", str(tmp_path / "nowhere"), "--out", str(out)], tasks=methods.TASKS)
     assert not (out / "results.csv").exists()  # nothing written by a refused merge
+
+
+STUB_CHILD = r"""
+import csv, json, os, sys, time
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+task, method, seed, out = opt("--task"), opt("--methods"), int(opt("--seeds")), opt("--out")
+with open(os.environ["STUB_TIMES"], "a") as handle:
+    handle.write(f"{time.time()} {time.time() + 0.4}\n")
+time.sleep(0.4)
+if method == os.environ.get("STUB_FAIL"):
+    print("boom: this run failed")
+    sys.exit(3)
+row = {"task": task, "method": method, "seed": seed, "accuracy": 0.7 + 0.01 * seed + 0.02 * (method == "KD"),
+       "f1": 0.5, "ece": 0.05, "teacher_accuracy": 0.9, "gap_closed": "", "wall_time_s": 0.4, "steps": 4,
+       "configs": "a.yaml", "setting": os.environ["STUB_SETTING"], "machine": "m", "command": " ".join(args)}
+with open(os.path.join(out, "results.csv"), "w", newline="") as handle:
+    writer = csv.DictWriter(handle, fieldnames=json.loads(os.environ["STUB_COLUMNS"]))
+    writer.writeheader()
+    writer.writerow(row)
+"""
+
+
+def test_parallel_runs_each_run_in_its_own_process_and_merges_them(methods, tmp_path, monkeypatch):
+    """``--parallel``: the orchestration, with a stand-in child (the real child is this script's
+    own sequential path, tested above): at most N processes at once, every finished row merged,
+    a failed process reported with its log and run again by the next call."""
+    noop = methods.Method
+    task = methods.Task("tiny", "Tiny", ("teacher.yaml",), (
+        noop(methods.BASELINE, ("a.yaml",), cache=False), noop(methods.REFERENCE, ("a.yaml",)), noop("other", ("a.yaml",))))  # fmt: skip
+    real = methods.child_command
+    commands = []
+
+    def stand_in(*args):
+        command = real(*args)
+        commands.append(command)
+        return [command[0], "-c", STUB_CHILD, *command[2:]]
+
+    monkeypatch.setattr(methods, "child_command", stand_in)
+    monkeypatch.setattr(methods, "ensure_teacher", lambda *args: False)
+    monkeypatch.setattr(methods, "build_teacher_caches", lambda *args: None)
+    times = tmp_path / "times.txt"
+    monkeypatch.setenv("STUB_TIMES", str(times))
+    monkeypatch.setenv("STUB_COLUMNS", json.dumps(list(methods.COLUMNS)))
+    monkeypatch.setenv("STUB_SETTING", "steps=4;val_every=2;precision=config;cache=float16")
+    monkeypatch.setenv("STUB_FAIL", "other")
+    out = tmp_path / "out"
+    argv = ["--task", "tiny", "--seeds", "0", "1", "--steps", "4", "--val-every", "2", "--parallel", "2", "--out", str(out)]
+
+    report = methods.main(argv, tasks={"tiny": task})
+    assert sorted(report.ran) == sorted(("tiny", m, s) for m in (methods.BASELINE, methods.REFERENCE) for s in (0, 1))
+    assert sorted((f[1], f[2]) for f in report.failed) == [("other", 0), ("other", 1)]
+    assert all("exit 3" in f[3] and "boom" in f[3] for f in report.failed)
+    rows = methods.read_csv(out / "results.csv")
+    assert len(rows) == 4 and all(r["setting"] == "steps=4;val_every=2;precision=config;cache=float16" for r in rows)
+    kd = [r for r in rows if r["method"] == methods.REFERENCE]
+    assert all(r["gap_closed"] == pytest.approx(0.02 / (0.9 - 0.7 - 0.01 * r["seed"])) for r in kd)
+    spans = [tuple(map(float, line.split())) for line in times.read_text().splitlines()]
+    assert len(spans) == 6
+    most = max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans)
+    assert most <= 2, "more processes than --parallel at once"
+    for command in commands:  # each child runs one run with the parent's setting and its caches
+        assert command[1].endswith("methods.py") and "--parallel" not in command
+        assert ["--val-every", "2", "--accelerator", "auto", "--devices", "1", "--steps", "4"] == command[12:20]
+        assert command[command.index("--cache-root") + 1] == str((out / "runs" / "teacher_cache").resolve())
+        assert str(out.resolve() / "runs" / "parts") in command[command.index("--out") + 1]
+
+    monkeypatch.delenv("STUB_FAIL")
+    again = methods.main(argv, tasks={"tiny": task})
+    assert sorted(again.ran) == [("tiny", "other", 0), ("tiny", "other", 1)] and len(again.skipped) == 4
+    assert len(methods.read_csv(out / "results.csv")) == 6
+
+
+def test_parallel_needs_a_positive_count(methods, tmp_path):
+    with pytest.raises(SystemExit, match="--parallel must be at least 1"):
+        methods.main(["--parallel", "0", "--out", str(tmp_path)], tasks=methods.TASKS)
