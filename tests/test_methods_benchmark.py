@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -27,18 +26,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def methods() -> ModuleType:
     return load_benchmark("methods")
-
-
-@pytest.fixture(scope="module")
-def readable_bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT with a tokenizer that knows its vocabulary. (Under transformers 5,
-    ``BertTokenizerFast(vocab_file=...)`` ignores the file and maps every word to [UNK]; then
-    no teacher can learn, and the gap closed would never be defined.)"""
-    from transformers import BertTokenizerFast
-
-    folder = shutil.copytree(tiny_bert, tmp_path_factory.mktemp("readable") / "bert")
-    BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +140,9 @@ def test_gap_closed_and_paired_statistics_by_hand(methods):
     assert math.isnan(reference.p_value)
 
 
-def test_benchmark_end_to_end_and_resume(methods, readable_bert, cue_csv, tmp_path):
+def test_benchmark_end_to_end_and_resume(methods, tiny_bert, cue_csv, tmp_path):
     torch.set_num_threads(1)  # width-32 models gain nothing from a second thread on the shared machines
-    task = tiny_task(methods, readable_bert, cue_csv, tmp_path)
+    task = tiny_task(methods, tiny_bert, cue_csv, tmp_path)
     out = tmp_path / "out"
     argv = ["--task", "tiny", "--seeds", "0", "1", "--steps", "4", "--val-every", "2", "--accelerator", "cpu", "--out", str(out)]
     report = methods.main(argv, tasks={"tiny": task})

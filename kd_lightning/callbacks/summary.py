@@ -15,6 +15,18 @@ from rich.table import Table
 from kd_lightning.models import count_parameters
 
 
+def batch_examples(batch: Any) -> int:
+    """The number of examples in a batch: its ``index`` (every data module's batches carry one;
+    retrieval batches have no ``labels``), else ``labels``, else ``input_ids``; 0 when none is there."""
+    if not hasattr(batch, "get"):
+        return 0
+    for key in ("index", "labels", "input_ids"):
+        value = batch.get(key)
+        if value is not None and hasattr(value, "shape") and len(value.shape) > 0:
+            return int(value.shape[0])
+    return 0
+
+
 class RunSummary(pl.Callback):
     """Prints and saves what a run produced: validation metrics of teacher and student,
     parameter counts and the compression ratio, training throughput, and where the logs, the
@@ -30,8 +42,7 @@ class RunSummary(pl.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        labels = batch.get("labels") if hasattr(batch, "get") else None
-        self.samples += int(labels.shape[0]) if labels is not None else 0
+        self.samples += batch_examples(batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start is not None:
