@@ -32,6 +32,10 @@ class OptimConfig:
         betas: Adam betas.
         warmup_ratio: share of the total steps spent warming up linearly from 0.
         schedule: ``linear`` decay to 0, ``cosine`` decay to 0, or ``constant`` after warm-up.
+        fused: PyTorch's fused AdamW (``torch.optim.AdamW(fused=True)``: one kernel over all
+            parameters, on CPUs and GPUs). Same update up to rounding, and much less time per
+            step than the default per-tensor loop on a CPU; off by default, so that runs keep
+            the default implementation's numbers.
     """
 
     lr: float = 5e-5
@@ -39,6 +43,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = 0.1
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    fused: bool = False
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -228,7 +233,8 @@ class StudentModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [g for g in self.parameter_groups() if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
+        fused = {"fused": True} if self.optim.fused else {}
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), **fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.optim.warmup_ratio * total)
         schedule = self.optim.schedule
