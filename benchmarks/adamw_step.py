@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from kd_lightning.models import load_classifier, student_from_teacher_layers
-from kd_lightning.training import decay_groups
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_cost import save_results  # noqa: E402
+
+from kd_lightning.models import load_classifier, student_from_teacher_layers  # noqa: E402
+from kd_lightning.training import decay_groups  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = {
@@ -109,15 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = run(args.rounds, args.warmup, args.device)
     command = "python benchmarks/adamw_step.py" + "".join(f" {a}" for a in (argv if argv is not None else []))
-    table = markdown(result, command)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adamw_step.md").write_text(table)
-    (args.out / "adamw_step.json").write_text(json.dumps(result, indent=2))
+    save_results(args.out, "adamw_step", markdown(result, command), result)
     return result
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])

@@ -275,12 +275,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args.quick)
-    table = markdown(results)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loss_cost.md").write_text(table)
-    (args.out / "loss_cost.json").write_text(json.dumps(results, indent=2))
+    save_results(args.out, "loss_cost", markdown(results), results)
     return results
+
+
+def save_results(out: Path, name: str, table: str, results: dict) -> None:
+    """Print ``table`` and write it to ``<out>/<name>.md``, ``results`` to ``<out>/<name>.json``."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
