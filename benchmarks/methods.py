@@ -517,7 +517,11 @@ class ResultStore:
         return self.folder / "alignment.csv"
 
     def done(self, task: str, method: str, seed: int) -> bool:
-        return any(r["task"] == task and r["method"] == method and r["seed"] == seed for r in self.rows)
+        return any(run_key(r) == (task, method, seed) for r in self.rows)
+
+    def row(self, task: str, method: str, seed: int) -> dict[str, Any]:
+        """The stored row of one run (with its gap closed)."""
+        return next(r for r in self.rows if run_key(r) == (task, method, seed))
 
     def check_setting(self, setting: str) -> None:
         other = sorted({r["setting"] for r in self.rows} - {setting})
@@ -537,25 +541,30 @@ class ResultStore:
                 "share their run length, validation interval, precision and cache setting"
             )
         added = [r for store in others for r in store.rows]
-        keys = {(r["task"], r["method"], r["seed"]) for r in added}
-        if len(keys) < len(added):
+        if len({run_key(r) for r in added}) < len(added):
             raise SystemExit("the folders to merge hold the same (task, method, seed) more than once: merge one of each")
-        alignment = [a for store in others for a in store.alignment]
-        self.alignment = [a for a in self.alignment if (a["task"], a["method"], a["seed"]) not in keys] + alignment
-        self.rows = with_gap_closed([r for r in self.rows if (r["task"], r["method"], r["seed"]) not in keys] + added)
-        write_atomically(self.alignment_csv, csv_text(self.alignment, ALIGNMENT_COLUMNS))
-        write_atomically(self.results_csv, csv_text(self.rows, COLUMNS))
+        self._replace(added, [a for store in others for a in store.alignment])
         return len(added)
 
     def add(self, row: Mapping[str, Any], alignment: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Record a finished run (replacing any alignment rows left by an unfinished attempt);
         returns its row with the gap closed."""
-        key = (row["task"], row["method"], row["seed"])
-        self.alignment = [a for a in self.alignment if (a["task"], a["method"], a["seed"]) != key] + list(alignment)
+        self._replace([row], alignment)
+        return self.row(*run_key(row))
+
+    def _replace(self, rows: Sequence[Mapping[str, Any]], alignment: Sequence[Mapping[str, Any]]) -> None:
+        """Put ``rows`` and ``alignment`` in place of the stored rows of the same runs, recompute
+        the gap closed, and rewrite both CSVs atomically."""
+        keys = {run_key(r) for r in rows}
+        self.alignment = [a for a in self.alignment if run_key(a) not in keys] + [dict(a) for a in alignment]
+        self.rows = with_gap_closed([r for r in self.rows if run_key(r) not in keys] + [dict(r) for r in rows])
         write_atomically(self.alignment_csv, csv_text(self.alignment, ALIGNMENT_COLUMNS))
-        self.rows = with_gap_closed([r for r in self.rows if (r["task"], r["method"], r["seed"]) != key] + [dict(row)])
         write_atomically(self.results_csv, csv_text(self.rows, COLUMNS))
-        return next(r for r in self.rows if (r["task"], r["method"], r["seed"]) == key)
+
+
+def run_key(row: Mapping[str, Any]) -> tuple[str, str, int]:
+    """The (task, method, seed) a result or alignment row belongs to."""
+    return row["task"], row["method"], row["seed"]
 
 
 # ---- statistics ----------------------------------------------------------------------------------
@@ -823,7 +832,7 @@ def run_in_parallel(
             done = ResultStore(part)
             if process.returncode == 0 and done.done(task.name, method.name, seed):
                 store.merge([done])
-                row = next(r for r in store.rows if (r["task"], r["method"], r["seed"]) == (task.name, method.name, seed))
+                row = store.row(task.name, method.name, seed)
                 report.ran.append((task.name, method.name, seed))
                 log(f"{label}: acc {row['accuracy']:.4f}  ECE {row['ece']:.4f}  {row['wall_time_s'] / 60:.1f} min")
             else:

@@ -308,9 +308,10 @@ class PromptKDModule(CausalLMDistillModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         size = batch["input_ids"].shape[0]
+        logged = self.logger_step()
         if self.responses == "student":
             batch, sample = self.sampled_batch(batch)
-            if self.logger_step():
+            if logged:
                 self.log("train/promptkd/response_tokens", sample.lengths.float().mean(), batch_size=size)
         prompted = self.prompted_teacher_outputs(batch)
         student = self.student_outputs(batch)
@@ -322,7 +323,7 @@ class PromptKDModule(CausalLMDistillModule):
         weight = self.current_regularizer_weight()
         prompt = self.prompt_terms(prompted, student, batch, weight)
         prompt_total = prompt["prompt_student"] + weight * prompt.get("prompt_regularizer", 0.0)
-        if self.logger_step():
+        if logged:
             self.log("train/weight/prompt_regularizer", weight, batch_size=size)
             self.log("train/loss/student", student_total.detach(), batch_size=size)
             self.log("train/loss/prompt", prompt_total.detach(), batch_size=size)
