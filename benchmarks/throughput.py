@@ -34,6 +34,10 @@ named explicitly, it is an error.
     g lightning_minimal  the hand loop's work (b) as a bare LightningModule with no logging, trained by
                          lightning.Trainer: Lightning's own floor, so a/b splits into a/g (kd_lightning's
                          overhead over Lightning) and g/b (Lightning's over a plain loop)
+    h lightning_live_graphs
+                         a with ``teacher_cuda_graphs``: the frozen teacher's forward pass replayed from
+                         CUDA graphs, one per padded length (captured as new lengths appear, inside the
+                         timed steps); ``--device cuda`` only
 
 Method. Each contender's own training loop runs in its own thread and pauses at the same point of
 every step, right after the batch is fetched (Lightning: ``on_train_batch_start``; TextBrewer: its
@@ -139,6 +143,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import DataCollatorWithPadding, PreTrainedModel  # noqa: E402
 
 from kd_lightning import DistillModule, FineTuneModule, StudentSpec, TeacherSpec  # noqa: E402
+from kd_lightning.cuda_graphs import CudaGraphConfig  # noqa: E402
 from kd_lightning.data import TextClassificationDataModule  # noqa: E402
 from kd_lightning.losses import CrossEntropy, DistillLoss, KLDivergence  # noqa: E402
 from kd_lightning.models import build_student, freeze, load_classifier  # noqa: E402
@@ -526,8 +531,9 @@ class Contender:
         self.tmp = tempfile.TemporaryDirectory(prefix="kd_throughput_")
 
     @classmethod
-    def unavailable(cls) -> str | None:
-        """Why this contender cannot run here (its library does not import), or ``None``."""
+    def unavailable(cls, config: BenchConfig) -> str | None:
+        """Why this contender cannot run here with ``config`` (its library does not import, the
+        device cannot run it), or ``None``."""
         return None
 
     def prepare(self, data: FixedOrderData) -> None:
@@ -669,6 +675,28 @@ class LightningLive(LightningContender):
         return self.distill_module()
 
 
+class LightningLiveGraphs(LightningContender):
+    name = "lightning_live_graphs"
+    label = "h"
+    description = "kd_lightning DistillModule, live teacher replayed from CUDA graphs (teacher_cuda_graphs), lightning.Trainer"
+
+    @classmethod
+    def unavailable(cls, config: BenchConfig) -> str | None:
+        if config.device != "cuda":
+            return "CUDA graphs need --device cuda"
+        return None
+
+    def make_module(self) -> pl.LightningModule:
+        return self.distill_module(teacher_cuda_graphs=CudaGraphConfig())
+
+    def check_trained(self) -> dict[str, Any]:
+        info = super().check_trained()
+        graphs = self.module.teacher_graphs
+        assert graphs is not None and graphs.replays + graphs.eager_calls == self.config.timed_steps, (self.name, graphs)
+        info["teacher_graphs"] = {"captured": graphs.captures, "replays": graphs.replays, "eager": graphs.eager_calls}
+        return info
+
+
 class LightningCache(LightningContender):
     name = "lightning_cache"
     label = "c"
@@ -774,7 +802,7 @@ class TextBrewerLive(Contender):
     description = "textbrewer GeneralDistiller.train, live teacher, logits + hard-label loss adaptors"
 
     @classmethod
-    def unavailable(cls) -> str | None:
+    def unavailable(cls, config: BenchConfig) -> str | None:
         try:
             import textbrewer  # noqa: F401
         except ImportError as err:
@@ -861,7 +889,7 @@ class TorchdistillLive(Contender):
     description = "torchdistill DistillationBox (KDLoss on forward-hooked classifier outputs), live teacher"
 
     @classmethod
-    def unavailable(cls) -> str | None:
+    def unavailable(cls, config: BenchConfig) -> str | None:
         try:
             import_torchdistill()
         except ImportError as err:
@@ -906,7 +934,7 @@ CONTENDERS: dict[str, type[Contender]] = {
     c.name: c
     for c in (
         LightningLive, HandLoop, HandLoopCopy, LightningCache, LightningStudent, TextBrewerLive, TorchdistillLive,
-        LightningMinimal,
+        LightningMinimal, LightningLiveGraphs,
     )
 }
 #: (numerator, denominator, kind, threshold): throughput ratio >= threshold, or step-cost ratio <= threshold;
@@ -921,6 +949,10 @@ TARGETS = [
     ("lightning_cache", "torchdistill_live", "report", None),
     ("lightning_live", "lightning_minimal", "report", None),
     ("lightning_minimal", "hand_live", "report", None),
+    ("lightning_live_graphs", "hand_live", "throughput", 0.95),
+    ("lightning_live_graphs", "textbrewer_live", "throughput", 1.0),
+    ("lightning_live_graphs", "torchdistill_live", "throughput", 1.0),
+    ("lightning_live_graphs", "lightning_live", "report", None),
 ]
 
 
@@ -930,20 +962,21 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def resolve_contenders(names: list[str] | None) -> tuple[list[str], dict[str, str]]:
+def resolve_contenders(names: list[str] | None, config: BenchConfig) -> tuple[list[str], dict[str, str]]:
     """The contenders to run and the ones skipped, with the reason.
 
-    ``None`` (no ``--contenders``): every contender whose library imports; the others are skipped.
-    A list: exactly those; an unknown name, or one whose library does not import, is an error.
+    ``None`` (no ``--contenders``): every contender that can run with ``config`` (its library
+    imports, the device suits it); the others are skipped. A list: exactly those; an unknown
+    name, or one that cannot run, is an error.
     """
     if names is None:
-        reasons = {name: CONTENDERS[name].unavailable() for name in CONTENDERS}
+        reasons = {name: CONTENDERS[name].unavailable(config) for name in CONTENDERS}
         return [n for n, why in reasons.items() if why is None], {n: why for n, why in reasons.items() if why is not None}
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; choose from {list(CONTENDERS)}")
     for name in names:
-        why = CONTENDERS[name].unavailable()
+        why = CONTENDERS[name].unavailable(config)
         if why is not None:
             raise ValueError(f"contender {name} was asked for, but {why}")
     return list(names), {}
@@ -964,7 +997,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> di
     quiet_libraries()
     torch.set_num_threads(config.threads)
     check_config(config)
-    names, _ = resolve_contenders(config.contenders)
+    names, _ = resolve_contenders(config.contenders, config)
     load_start = os.getloadavg()
     objectives = objective_check(config, names)
     data = make_data(config)
@@ -1335,10 +1368,17 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:.6f}" for k, v in checks["values_minus_constant"].items())
         + f"; offsets {checks['constant_offsets']} (TextBrewer's soft cross-entropy = KL + teacher entropy).",
     ]
+    for name, row in result["contenders"].items():
+        if "teacher_graphs" in row:
+            g = row["teacher_graphs"]
+            lines.append(
+                f"- `{name}`: {g['captured']} teacher CUDA graphs captured (one per padded length seen, inside the "
+                f"timed steps), {g['replays']} replays, {g['eager']} eager teacher passes."
+            )
     if result.get("cache_open_or_build_s") is not None:
         lines.append(f"- teacher cache opened (or built) before timing in {result['cache_open_or_build_s']:.1f} s.")
     if result.get("skipped"):
-        lines += ["", "Skipped (not asked for by name, and their library does not import here):"]
+        lines += ["", "Skipped (not asked for by name, and they cannot run here):"]
         lines += [f"- `{name}`: {reason}" for name, reason in result["skipped"].items()]
     if result.get("notes"):
         lines += ["", "Notes:", *[f"- {note}" for note in result["notes"]]]
@@ -1414,7 +1454,7 @@ def benchmark(config: BenchConfig, command: str, memory: bool = True, log: Calla
     """The whole benchmark: timing, memory probes and the environment, as one result."""
     check_config(config)
     config.teacher, teacher_source = resolve_teacher(config.teacher)
-    config.contenders, skipped = resolve_contenders(config.contenders)
+    config.contenders, skipped = resolve_contenders(config.contenders, config)
     for name, reason in skipped.items():
         log(f"skipping {name}: {reason}")
     started = time.perf_counter()
@@ -1509,7 +1549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     try:  # refuse what cannot be measured before anything is built
         config = config_from_args(args)
         check_config(config)
-        resolve_contenders([args.profile] if args.profile else config.contenders)
+        resolve_contenders([args.profile] if args.profile else config.contenders, config)
     except ValueError as err:
         parser.error(str(err))
     if args.profile:

@@ -15,9 +15,10 @@ def _allow_config_classes_in_checkpoints() -> None:
     ``torch.load(weights_only=True)`` (the default since torch 2.6) must be allowed to rebuild them."""
     import torch
 
+    from kd_lightning.cuda_graphs import CudaGraphConfig
     from kd_lightning.teacher_cache import TeacherCacheConfig
 
-    torch.serialization.add_safe_globals([TeacherSpec, StudentSpec, TapSpec, OptimConfig, TeacherCacheConfig])
+    torch.serialization.add_safe_globals([TeacherSpec, StudentSpec, TapSpec, OptimConfig, TeacherCacheConfig, CudaGraphConfig])
 
 
 _allow_config_classes_in_checkpoints()

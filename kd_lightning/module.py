@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from kd_lightning.cuda_graphs import CudaGraphConfig, GraphedForward
 from kd_lightning.losses.base import DistillLoss
 from kd_lightning.models import (
     StudentSpec,
@@ -57,6 +58,11 @@ class DistillModule(StudentModule):
         teacher_cache: read the teacher's outputs on the training split from an on-disk cache
             (built on first use) instead of running the teacher each step; validation and
             test still run the live teacher.
+        teacher_cuda_graphs: on a GPU, replay the frozen teacher's training forward pass from
+            CUDA graphs, one per input shape (:mod:`kd_lightning.cuda_graphs`): the same
+            outputs to rounding, at a fraction of the host time of the eager pass, which is
+            what bounds a small teacher's step. Not with ``teacher_cache``, a trained teacher,
+            FSDP or a CPU run.
         nonfinite: what a NaN or infinite loss term does: ``raise`` stops the run with
             :class:`NonFiniteLossError` naming the term, the global step and the batch's
             example indices; ``skip`` drops that step (no optimiser update), warns, and counts
@@ -75,10 +81,16 @@ class DistillModule(StudentModule):
         save_teacher: bool = False,
         teacher_cache: TeacherCacheConfig | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
+        teacher_cuda_graphs: CudaGraphConfig | None = None,
     ) -> None:
         super().__init__(optim)
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if teacher_cache is not None and teacher_cuda_graphs is not None:
+            raise ValueError(
+                "teacher_cache and teacher_cuda_graphs both replace the live teacher's training forward pass: "
+                "keep one (the cache runs no teacher at all; graphs replay it on a GPU)"
+            )
         self.save_hyperparameters(ignore=["losses"])
         if not losses:
             raise ValueError("DistillModule needs at least one loss, e.g. kd_lightning.losses.KLDivergence")
@@ -97,6 +109,8 @@ class DistillModule(StudentModule):
         self.save_teacher = save_teacher
         self.teacher_cache_config = teacher_cache
         self.teacher_cache: TeacherCache | None = None
+        self.teacher_cuda_graphs = teacher_cuda_graphs
+        self.teacher_graphs: GraphedForward | None = None
 
         self.tap_specs = taps
         self.teacher_taps = FeatureTaps(teacher_model, taps, "teacher")
@@ -145,6 +159,35 @@ class DistillModule(StudentModule):
         super().setup(stage)
         if stage == "fit" and self.teacher_cache_config is not None and self.needs_teacher:
             self.teacher_cache = self.open_teacher_cache(self.trainer.datamodule)
+        if stage == "fit" and self.teacher_cuda_graphs is not None and self.needs_teacher:
+            self.teacher_graphs = self.make_teacher_graphs(self.trainer.strategy.root_device)
+
+    def make_teacher_graphs(self, device: torch.device) -> GraphedForward:
+        """The teacher's training forward pass (logits and raw tap captures) as CUDA graphs on ``device``."""
+        from kd_lightning.strategies import DistillFSDPStrategy
+
+        if self.teacher_is_trainable():
+            raise ValueError(
+                f"{type(self).__name__} trains its teacher: a CUDA graph replays a frozen forward pass; remove teacher_cuda_graphs"
+            )
+        if torch.device(device).type != "cuda":
+            raise ValueError(
+                f"teacher_cuda_graphs needs a CUDA device, and this run is on {device}: "
+                "remove teacher_cuda_graphs, or train on a GPU (trainer.accelerator: gpu)"
+            )
+        if self._trainer is not None and isinstance(self.trainer.strategy, DistillFSDPStrategy):
+            raise ValueError(
+                "teacher_cuda_graphs cannot replay an FSDP-sharded teacher (its forward pass gathers parameters "
+                "across GPUs): remove teacher_cuda_graphs, or use the ddp strategy"
+            )
+        return GraphedForward(self._teacher_forward, self.teacher_cuda_graphs, name="teacher forward pass")
+
+    def _teacher_forward(self, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The frozen teacher's logits and raw tap captures: what the CUDA graphs record."""
+        with torch.no_grad():
+            self.teacher_taps.clear()
+            logits = self.teacher(**inputs).logits
+            return logits, self.teacher_taps.take()
 
     def open_teacher_cache(self, datamodule: Any) -> TeacherCache:
         """The cache of the teacher's outputs on ``datamodule``'s training split, built if missing."""
@@ -214,6 +257,8 @@ class DistillModule(StudentModule):
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillModule:
         super()._apply(fn, *args, **kwargs)
         self._teacher._apply(fn, *args, **kwargs)
+        if getattr(self, "teacher_graphs", None) is not None:
+            self.teacher_graphs.reset()  # the graphs hold the old parameters' addresses
         return self
 
     def train(self, mode: bool = True) -> DistillModule:
@@ -237,11 +282,14 @@ class DistillModule(StudentModule):
             cached = self.teacher_cache.read(batch["index"], self.device)
             cached.attention_mask = batch.get("attention_mask")
             return cached
+        mask = batch.get("attention_mask")
+        if self.teacher_graphs is not None and self.training:
+            logits, captures = self.teacher_graphs(model_inputs(batch))
+            return ModelOutputs(logits=logits, features=self.teacher_taps.reduce(captures, mask), attention_mask=mask)
         grad = torch.enable_grad() if self.teacher_is_trainable() else torch.no_grad()
         with grad:
             self.teacher_taps.clear()
             logits = self.teacher(**model_inputs(batch)).logits
-            mask = batch.get("attention_mask")
             return ModelOutputs(logits=logits, features=self.teacher_taps.collect(mask), attention_mask=mask)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> ModelOutputs:

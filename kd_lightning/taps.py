@@ -127,17 +127,23 @@ class FeatureTaps:
 
     def collect(self, attention_mask: Tensor | None) -> dict[str, Tensor]:
         """Reduced features of the last forward pass; the raw captures are released."""
+        return self.reduce(self.take(), attention_mask)
+
+    def take(self) -> dict[str, Tensor]:
+        """The raw captures of the last forward pass (tap name -> hidden states), released here."""
         missing = [n for n in self.specs if n not in self._captured]
         if missing:
             raise RuntimeError(
                 f"{self.owner} taps {missing} captured nothing in this forward pass: "
                 "the tapped submodules did not run (check the paths)."
             )
-        features = {
-            name: reduce_hidden(self._captured[name], spec.reduce, attention_mask) for name, spec in self.specs.items()
-        }
+        captures = {name: self._captured[name] for name in self.specs}
         self._captured.clear()
-        return features
+        return captures
+
+    def reduce(self, captures: Mapping[str, Tensor], attention_mask: Tensor | None) -> dict[str, Tensor]:
+        """Each tap's reduction applied to its raw capture (:meth:`take`)."""
+        return {name: reduce_hidden(captures[name], spec.reduce, attention_mask) for name, spec in self.specs.items()}
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -9,6 +9,7 @@ and, where a GPU is present, in quick mode on CUDA with the memory probes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import ModuleType
@@ -60,7 +61,7 @@ def assert_trained(result: dict) -> None:
 
 
 def test_every_contender_trains_and_the_report_is_written(throughput, tiny_bert, tiny_csv, tmp_path):
-    names = [n for n in throughput.CONTENDERS if n != "torchdistill_live"]  # see the next test
+    names = [n for n in throughput.CONTENDERS if n not in ("torchdistill_live", "lightning_live_graphs")]  # next tests
     config = tiny_config(throughput, tiny_bert, tiny_csv, tmp_path, names)
     result = throughput.benchmark(config, command="pytest", memory=False, log=lambda line: None)
 
@@ -152,12 +153,20 @@ def test_contenders_whose_library_is_missing_are_skipped_unless_named(throughput
         raise ImportError("torchdistill cannot be imported (no module named 'torchdistill')")
 
     monkeypatch.setattr(throughput, "import_torchdistill", no_torchdistill)
-    names, skipped = throughput.resolve_contenders(None)
-    assert names == [n for n in throughput.CONTENDERS if n != "torchdistill_live"]
-    assert skipped == {"torchdistill_live": "torchdistill cannot be imported (no module named 'torchdistill')"}
-    assert throughput.resolve_contenders(["hand_live"]) == (["hand_live"], {})
+    config = throughput.BenchConfig()
+    names, skipped = throughput.resolve_contenders(None, config)
+    assert names == [n for n in throughput.CONTENDERS if n not in ("torchdistill_live", "lightning_live_graphs")]
+    assert skipped == {
+        "torchdistill_live": "torchdistill cannot be imported (no module named 'torchdistill')",
+        "lightning_live_graphs": "CUDA graphs need --device cuda",
+    }
+    assert throughput.resolve_contenders(["hand_live"], config) == (["hand_live"], {})
     with pytest.raises(ValueError, match="unknown contenders"):
-        throughput.resolve_contenders(["hand_loop"])
+        throughput.resolve_contenders(["hand_loop"], config)
+    with pytest.raises(ValueError, match="contender lightning_live_graphs was asked for, but CUDA graphs need --device cuda"):
+        throughput.resolve_contenders(["lightning_live_graphs"], config)
+    cuda = dataclasses.replace(config, device="cuda")
+    assert "lightning_live_graphs" in throughput.resolve_contenders(None, cuda)[0]
 
 
 def test_memory_probe_on_the_cpu_reports_resident_memory(throughput, tiny_bert, tiny_csv, tmp_path):
@@ -176,6 +185,9 @@ def test_quick_mode_on_cuda_with_memory_probes(throughput, tiny_bert, tiny_csv, 
     assert_trained(result)
     steps = 2 + 3 * 5  # --quick: 2 warm-up steps, 3 repeats of 5 steps
     assert result["contenders"]["lightning_live"]["optimizer_steps"] == steps
+    graphs = result["contenders"]["lightning_live_graphs"]["teacher_graphs"]
+    assert graphs["replays"] + graphs["eager"] == steps and 1 <= graphs["captured"] <= graphs["replays"]
+    assert {"h/b", "h/a"} <= {r["pair"] for r in result["ratios"]}
     assert result["environment"]["cuda"]["device"] == torch.cuda.get_device_name()
     assert set(result["memory"]) == {"baseline", *result["contenders"]}
     for name in result["contenders"]:
