@@ -256,6 +256,11 @@ CLI_CASES: dict[str, tuple[dict[str, Any], type[BaseException], tuple[str, ...]]
         ValueError,
         ("batch_size must be a positive integer, got -8", "1 or more"),
     ),
+    "max_length not a multiple of pad_to_multiple_of": (
+        {"data__init_args__pad_to_multiple_of": 5},
+        ValueError,
+        ("max_length 16 is not a multiple of pad_to_multiple_of 5", "set max_length to 15 or 20"),
+    ),
     "max_length beyond the position embeddings": (
         {"data__init_args__max_length": 100},
         ValueError,

@@ -37,7 +37,11 @@ def run_in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_fine_tune_then_distil_through_the_cli(tiny_bert, tiny_csv, run_in_tmp):
+def test_fine_tune_then_distil_through_the_cli(tiny_bert, tiny_csv, run_in_tmp, monkeypatch):
+    import kd_lightning.callbacks.export as export
+
+    said: list[str] = []
+    monkeypatch.setattr(export, "rank_zero_info", said.append)
     data = {
         "class_path": "kd_lightning.data.TextClassificationDataModule",
         "init_args": {"data_files": tiny_csv, "max_length": 16, "batch_size": 16},
@@ -56,6 +60,7 @@ def test_fine_tune_then_distil_through_the_cli(tiny_bert, tiny_csv, run_in_tmp):
     )
     main(["fit", "--config", str(teacher_cfg)])
     assert (run_in_tmp / "teacher_export" / "config.json").is_file()
+    assert "ExportHF: fine-tuned model saved to teacher_export" in said
 
     trainer["logger"]["init_args"]["name"] = "distill"
     trainer["callbacks"][0]["init_args"]["dirpath"] = "student_export"
@@ -97,6 +102,7 @@ def test_fine_tune_then_distil_through_the_cli(tiny_bert, tiny_csv, run_in_tmp):
 
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["exported_student"] == "student_export"
+    assert said[-1] == "ExportHF: student saved to student_export"
     assert summary["compression"] == pytest.approx(summary["teacher_parameters"] / summary["student_parameters"])
     assert summary["compression"] > 1 and summary["train_samples_per_second"] > 0
     assert summary["student_metrics"]["val/acc"] == pytest.approx(logged["val/acc"][-1])

@@ -63,6 +63,28 @@ def test_each_format_with_text_pairs_and_numeric_labels(suffix, tmp_path, tiny_e
     assert batch["input_ids"].shape[1] <= 16  # truncated to max_length, padded to the longest row
 
 
+def test_pad_to_multiple_of_rounds_batch_lengths_up_and_leaves_outputs_alone(tmp_path, tiny_encoder):
+    """Batches padded to a multiple of 8 tokens: lengths round up to it (never past max_length),
+    and the masked padding leaves a classifier's logits as dynamic padding gives them."""
+    files = {split: write(frame(n, seed), tmp_path / f"{split}.csv") for split, n, seed in (("train", 24, 0), ("validation", 16, 1))}
+    plain, padded = local(files, tiny_encoder), local(files, tiny_encoder, pad_to_multiple_of=8)
+    model = FineTuneModule(str(tiny_encoder), num_labels=2).student.eval()
+    lengths = set()
+    for dm in (plain, padded):
+        dm.setup("fit")
+    for short, long in zip(plain.val_dataloader(), padded.val_dataloader(), strict=True):
+        assert long["input_ids"].shape[1] % 8 == 0 and short["input_ids"].shape[1] <= long["input_ids"].shape[1] <= 16
+        lengths.add(short["input_ids"].shape[1])
+        with torch.no_grad():
+            inputs = ("input_ids", "attention_mask", "token_type_ids")
+            expected = model(**{k: short[k] for k in inputs}).logits
+            got = model(**{k: long[k] for k in inputs}).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert lengths - {8, 16}, "some batch had a length that padding rounds up"
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive integer, got 0"):
+        local(files, tiny_encoder, pad_to_multiple_of=0)
+
+
 def test_string_labels_follow_label_names_order(tmp_path, tiny_encoder):
     labels = ("neutral", "negative", "positive")
     files = {s: write(frame(12, i, labels=labels), tmp_path / f"{s}.csv") for i, s in enumerate(("train", "validation", "test"))}

@@ -43,7 +43,10 @@ class ExportHF(pl.Callback):
         if trainer.is_global_zero:
             student = {key.removeprefix("student."): value for key, value in state.items() if key.startswith("student.")}
             pl_module.export(dirpath, student)
-            rank_zero_info(f"ExportHF: student saved to {dirpath}")
+            from kd_lightning.finetune import FineTuneModule
+
+            what = "fine-tuned model" if isinstance(pl_module, FineTuneModule) else "student"
+            rank_zero_info(f"ExportHF: {what} saved to {dirpath}")
         self.exported_to = dirpath
 
 

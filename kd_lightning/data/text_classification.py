@@ -190,6 +190,11 @@ class TextClassificationDataModule(pl.LightningDataModule):
             reads the rest of the epoch exactly as an uninterrupted run (see
             :class:`~kd_lightning.data.sampling.ResumableDataLoader`).
         num_workers: DataLoader worker processes.
+        pad_to_multiple_of: pad each batch to a multiple of this many tokens (dynamic padding
+            otherwise pads to the batch's longest row). Fewer distinct batch shapes: one CUDA
+            graph per shape with ``teacher_cuda_graphs``, and tensor-core-friendly lengths
+            (8 for float16/bfloat16). ``max_length`` must be a multiple of it. Padding is
+            masked, so the models' outputs on the real tokens do not change.
     """
 
     #: The offline sets ``dataset: packaged/<name>`` may name (task data modules have their own).
@@ -224,15 +229,23 @@ class TextClassificationDataModule(pl.LightningDataModule):
         length_group_size: int = 50,
         shuffle_seed: int | None = None,
         num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
     ) -> None:
         super().__init__()
         if (dataset is None) == (data_files is None):
             raise ValueError("give exactly one of `dataset` (a packaged or hub name) and `data_files` (local files)")
         if regression and (label_names or label_map):
             raise ValueError("regression data has float scores: label_names and label_map do not apply")
-        for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "max_length": max_length, "pad_to_multiple_of": pad_to_multiple_of}
+        for argument, value in sizes.items():
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{argument} must be a positive integer, got {value!r}: set data.init_args.{argument} to 1 or more")
+        if pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+            raise ValueError(
+                f"max_length {max_length} is not a multiple of pad_to_multiple_of {pad_to_multiple_of}: padded batches "
+                f"would outgrow max_length; set max_length to {max_length - max_length % pad_to_multiple_of or pad_to_multiple_of} "
+                f"or {max_length + pad_to_multiple_of - max_length % pad_to_multiple_of}"
+            )
         if dataset is not None and dataset.startswith("packaged/") and dataset not in self.packaged_sets:
             raise ValueError(
                 f"unknown packaged data set {dataset!r}{did_you_mean(dataset, self.packaged_sets)}; "
@@ -264,6 +277,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self._training_order_seed: int | None = None
         self.num_workers = num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Any] = {}
         self.num_labels: int | None = 1 if regression else None
@@ -575,8 +589,9 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     # ---- loaders -------------------------------------------------------------------------------
     def collator(self) -> Any:
-        """What makes a batch of tokenised rows: dynamic padding of the tokenizer fields."""
-        return DataCollatorWithPadding(self.tokenizer)
+        """What makes a batch of tokenised rows: dynamic padding of the tokenizer fields (to a
+        multiple of ``pad_to_multiple_of`` when set)."""
+        return DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         data = self.datasets[split].with_format("torch")
