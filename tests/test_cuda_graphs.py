@@ -190,6 +190,35 @@ def test_a_cpu_run_is_refused_with_the_fix(tiny_bert, tiny_csv, tmp_path):
         quiet_trainer(tmp_path).fit(module, datamodule=csv_datamodule(tiny_csv))
 
 
+def test_the_shipped_gpu_config_builds_graphs_and_padding(tiny_bert, tiny_csv, tmp_path):
+    """``configs/scale/gpu_graphs.yaml`` with the tiny teacher and data: the module gets its graph
+    settings, the data pads to multiples of 8, and on the CPU the fit is refused with the fix."""
+    from pathlib import Path
+
+    from kd_lightning.cli import KDLightningCLI
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "scale" / "gpu_graphs.yaml"
+    cli = KDLightningCLI(
+        run=False,
+        args=[
+            "--config", str(config),
+            f"--model.init_args.teacher.name_or_path={tiny_bert}",
+            "--model.init_args.student.from_teacher_layers=[0, 1]",
+            "--data.init_args.dataset=null",
+            f"--data.init_args.data_files={tiny_csv}",
+            "--data.init_args.max_length=16",
+            "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.callbacks.init_args.dirpath={tmp_path / 'export'}",
+        ],
+    )  # fmt: skip
+    assert cli.model.teacher_cuda_graphs == CudaGraphConfig(max_graphs=64)
+    assert cli.datamodule.pad_to_multiple_of == 8
+    with pytest.raises(ValueError, match="needs a CUDA device, and this run is on cpu"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
 def test_graphs_and_the_teacher_cache_are_refused_together(tiny_bert):
     from kd_lightning.teacher_cache import TeacherCacheConfig
 
