@@ -245,13 +245,12 @@ class SpeculativeKDModule(CausalLMDistillModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         speculative = is_speculative_step(self.global_step, self.student_fraction)
         size = batch["input_ids"].shape[0]
-        logged = self.logger_step()
         if speculative:
             batch, sample = self.speculative_batch(batch)
-            if logged:
+        if self.logger_step():
+            if speculative:
                 replaced = sample.replaced.sum() / sample.lengths.sum().clamp_min(1)
                 self.log("train/speculative/replaced", replaced, batch_size=size)
                 self.log("train/speculative/response_tokens", sample.lengths.float().mean(), batch_size=size)
-        if logged:
             self.log("train/speculative/step", float(speculative), batch_size=size)
         return super().training_step(batch, batch_idx)
